@@ -1,0 +1,1 @@
+"""Importers, filters, the leave-one-out split and the dataset loader."""
