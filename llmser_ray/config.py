@@ -50,6 +50,13 @@ class DataConfig(_Strict):
     # s3rec: the sequence file (``user item item ...``); movielens: the folder with u.data or
     # ratings.dat; csv/parquet: the interactions file.
     path: str | None = None
+    # A public dataset to fetch when ``path`` is not given (needs a network; otherwise prepare
+    # says where to get the files): "ml-100k" or "ml-1m" (GroupLens), "beauty" (S3-Rec's
+    # Amazon Beauty sequences, no item text).
+    download: Literal["ml-100k", "ml-1m", "beauty"] | None = None
+    # Where downloads are kept; a mirror can replace the public address with download_url.
+    cache_dir: str = "~/.cache/llmser-ray"
+    download_url: str | None = None
     # Item text: items.jsonl (s3rec), or a CSV/Parquet table with item, title, attributes columns.
     item_path: str | None = None
     # Column names for csv/parquet sources.
@@ -75,11 +82,15 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _needs_path(self) -> DataConfig:
-        if self.source != "synthetic" and not self.path:
+        if self.source != "synthetic" and not self.path and not self.download:
             raise ValueError(
                 f"data.path is required for source '{self.source}' "
-                "(point it at the interactions file or folder)"
+                "(point it at the interactions file or folder, or set data.download)"
             )
+        if self.download:
+            wanted = "s3rec" if self.download == "beauty" else "movielens"
+            if self.source != wanted:
+                raise ValueError(f"data.download={self.download} needs data.source={wanted}")
         return self
 
 
@@ -97,6 +108,9 @@ class ModelConfig(_Strict):
     sasrec_variant: Literal["standard", "reference"] = "standard"
     # BERT4Rec Cloze masking probability.
     mask_prob: float = Field(0.2, gt=0, lt=1)
+    # BERT4Rec: share of training sequences that mask only their last item (the paper's extra
+    # samples matching next-item prediction).
+    last_item_mask_prob: float = Field(0.1, ge=0, le=1)
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:

@@ -1,0 +1,79 @@
+"""Peak memory of a full Amazon Beauty training run (`llmser-ray train`, reference settings).
+
+Samples every process of the run (the CLI driver and everything it starts: Ray's GCS, raylet,
+dashboard and the Train workers) four times a second and reports the peak of the summed PSS
+(proportional set size: shared pages counted once, so the sum is what the run really costs)
+next to the summed RSS (which double-counts shared libraries, an upper bound).
+
+    .venv/bin/python bench/bench_memory.py --epochs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
+GIB = 1024**3
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def sample(pid: int, stop: threading.Event, peaks: dict[str, float]) -> None:
+    while not stop.is_set():
+        pss = rss = 0
+        for p in tree(pid):
+            try:
+                info = p.memory_full_info()
+                pss += info.pss
+                rss += info.rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        peaks["pss"] = max(peaks["pss"], pss)
+        peaks["rss"] = max(peaks["rss"], rss)
+        time.sleep(0.25)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--workdir", default="runs/bench-memory")
+    args = ap.parse_args()
+    sets = ["data.source=s3rec", f"data.path={BEAUTY / 'Beauty.txt'}",
+            f"data.item_path={BEAUTY / 'items.jsonl'}", f"train.epochs={args.epochs}",
+            "ray.include_dashboard=true"]
+    base = [sys.executable, "-m", "llmser_ray"]
+    flags = ["-w", args.workdir]
+    for s in sets:
+        flags += ["--set", s]
+    subprocess.run([*base, "prepare", *flags], check=True)
+    peaks = {"pss": 0.0, "rss": 0.0}
+    stop = threading.Event()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([*base, "train", *flags, "--force"])
+    th = threading.Thread(target=sample, args=(proc.pid, stop, peaks), daemon=True)
+    th.start()
+    rc = proc.wait()
+    stop.set()
+    th.join()
+    wall = time.perf_counter() - t0
+    print(f"\n== peak memory, SASRec on full Beauty, {args.epochs} epochs, {wall:.0f} s, exit {rc}")
+    print(f"peak summed PSS: {peaks['pss'] / GIB:.2f} GiB   target <= 4 GiB")
+    print(f"peak summed RSS: {peaks['rss'] / GIB:.2f} GiB (upper bound, shared pages counted per process)")
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Connecting to Ray: a local cluster by default, an existing one with ``ray.address``."""
+
+from __future__ import annotations
+
+import os
+
+from llmser_ray.config import RayConfig
+from llmser_ray.errors import ConfigError
+
+
+def init_ray(cfg: RayConfig, quiet: bool = False) -> str | None:
+    """Start or join Ray once per process and return the dashboard URL (if any).
+
+    The local dashboard binds to ``cfg.dashboard_host`` (127.0.0.1 unless told otherwise) so
+    nothing is exposed beyond this machine by default.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return _dashboard_url()
+    # Workers must import the package from the same place as the driver.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    try:
+        if cfg.address:
+            ray.init(address=cfg.address, log_to_driver=True)
+        else:
+            ray.init(
+                num_cpus=cfg.num_cpus,
+                include_dashboard=cfg.include_dashboard,
+                dashboard_host=cfg.dashboard_host,
+                log_to_driver=True,
+            )
+    except ConnectionError as e:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at '{cfg.address}': {e}",
+            "check the address (ray://host:10001 or host:6379) and that the cluster is up, "
+            "or drop --address to start a local Ray",
+        ) from None
+    url = _dashboard_url()
+    if url and not quiet:
+        print(f"[ray] dashboard: {url}", flush=True)
+    return url
+
+
+def _dashboard_url() -> str | None:
+    import ray
+
+    try:
+        url = ray.get_runtime_context().dashboard_url  # type: ignore[attr-defined]
+    except AttributeError:
+        url = None
+    if not url:
+        try:
+            url = ray.worker.get_dashboard_url()
+        except Exception:
+            return None
+    return url if url.startswith("http") else f"http://{url}"

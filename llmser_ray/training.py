@@ -1,0 +1,337 @@
+"""The ``train`` stage: a backbone trained with Ray Train (DDP) on the prepared dataset.
+
+Why this shape:
+- One ``TorchTrainer`` run per model folder, named by the config digest, so rerunning the same
+  command after an interruption resumes from Ray Train's latest checkpoint (Train V2 restores
+  its checkpoint manager from ``storage_path``), while a changed config starts a fresh run
+  instead of resuming incompatible weights.
+- Workers shard users, not batches, and every rank runs the same number of steps so DDP's
+  all-reduce never waits on a rank that ran out of data.
+- Validation is computed on every rank's shard and gathered, so evaluation scales with the
+  workers too; the test split is evaluated once on the driver with the best weights.
+- Checkpoints hold safetensors weights (current and best), the optimizer state loaded with
+  ``weights_only=True``, and JSON state: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmser_ray.config import Config, ModelConfig
+from llmser_ray.data.dataset import SeqDataset, load_dataset
+from llmser_ray.data.padding import pad_left
+from llmser_ray.errors import StageError
+from llmser_ray.evaluation import metrics_from_ranks, rank_targets, user_groups
+from llmser_ray.io import atomic_dir, manifest_header, read_manifest, write_json
+from llmser_ray.models import build_model
+from llmser_ray.models.base import SeqRecModel
+
+SCHEMA_VERSION = 1
+TRAIN_SECTIONS = ("model", "train", "eval")
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    skipped: bool
+    best_epoch: int
+    valid: dict[str, dict[str, float]]
+    test: dict[str, dict[str, dict[str, float]]]
+
+
+# ----------------------------------------------------------------------------- data plumbing
+
+
+def training_sequences(ds: SeqDataset, reverse: bool) -> list[np.ndarray]:
+    """Sequences the model learns from.
+
+    Forward: the leave-one-out training part. Reverse (the candidate generator of SIA): the
+    training part without its first item, reversed, so that "predict the first item from the
+    rest, read backwards" stays a held-out validation task.
+    """
+    train = ds.train_sequences()
+    if not reverse:
+        return train
+    return [s[1:][::-1].copy() for s in train]
+
+
+def validation_split(ds: SeqDataset, reverse: bool) -> tuple[list[np.ndarray], np.ndarray]:
+    if not reverse:
+        return ds.split("valid")
+    train = ds.train_sequences()
+    return [s[1:][::-1].copy() for s in train], np.array([s[0] for s in train], dtype=np.int64)
+
+
+def _groups(ds: SeqDataset, targets: np.ndarray) -> dict[str, np.ndarray]:
+    return user_groups(ds.is_tail_user, ds.is_tail_item[targets])
+
+
+class LossModule(torch.nn.Module):
+    """DDP only synchronises gradients of ``forward``; route the per-sequence loss through it."""
+
+    def __init__(self, model: SeqRecModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, seqs: torch.Tensor, loss: str, num_negatives: int,
+                generator: torch.Generator | None) -> torch.Tensor:
+        return self.model.loss(seqs, loss, num_negatives, generator)
+
+
+def _batch_tensor(seqs: list[np.ndarray], max_len: int) -> torch.Tensor:
+    # +1: causal models read positions [:-1] and predict [1:].
+    longest = max((len(s) for s in seqs), default=1)
+    return torch.from_numpy(pad_left(seqs, min(max_len + 1, max(longest, 2))))
+
+
+def _shard(n: int, rank: int, world: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of the users, cut into equal shards (the tail wraps around)."""
+    perm = rng.permutation(n)
+    per = math.ceil(n / world)
+    padded = np.concatenate([perm, perm[: per * world - n]]) if per * world > n else perm
+    return padded[rank * per:(rank + 1) * per]
+
+
+def _gather_ranks(local: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
+    """Collect per-rank ranks into one array ordered like the validation users."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        out = np.empty(n, dtype=np.int64)
+        out[index] = local
+        return out
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (index, local))
+    out = np.empty(n, dtype=np.int64)
+    for idx, r in parts:
+        out[idx] = r
+    return out
+
+
+def train_epoch(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, train_seqs: list[np.ndarray],
+                order: np.ndarray, cfg: Config, device: torch.device | str,
+                gen: torch.Generator | None) -> float:
+    """One pass over ``order``; shared by the Ray worker loop and the plain-PyTorch benchmark."""
+    wrapped.train()
+    total, steps = 0.0, 0
+    for start in range(0, len(order), cfg.train.batch_size):
+        idx = order[start:start + cfg.train.batch_size]
+        batch = _batch_tensor([train_seqs[i] for i in idx], cfg.model.max_len).to(device)
+        loss = wrapped(batch, cfg.train.loss, cfg.train.num_negatives, gen).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+        steps += 1
+    return total / max(steps, 1)
+
+
+# ----------------------------------------------------------------------------- the worker loop
+
+
+def _train_loop(loop_cfg: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.model_validate(loop_cfg["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker))
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed)
+
+    ds = load_dataset(loop_cfg["dataset_dir"])
+    train_seqs = training_sequences(ds, cfg.train.reverse)
+    keep = [i for i, s in enumerate(train_seqs) if len(s) >= 2]
+    train_seqs = [train_seqs[i] for i in keep]
+    val_inputs, val_targets = validation_split(ds, cfg.train.reverse)
+    groups = _groups(ds, val_targets)
+
+    model = build_model(cfg.model, ds.num_items)
+    wrapped = ray.train.torch.prepare_model(LossModule(model))
+    device = ray.train.torch.get_device()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
+                           weight_decay=cfg.train.weight_decay)
+
+    state = {"epoch": 0, "best_metric": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    best_weights: dict[str, torch.Tensor] | None = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+            opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
+            best_weights = load_file(os.path.join(d, "best.safetensors"))
+            state = json.loads(Path(d, "state.json").read_text())
+        if rank == 0:
+            print(f"[train] resumed after epoch {state['epoch']} "
+                  f"(best {cfg.eval.metric}={state['best_metric']:.4f} at {state['best_epoch']})")
+
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+    metric = cfg.eval.metric
+    for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
+        if state["bad_epochs"] >= cfg.train.patience:
+            break
+        t0 = time.perf_counter()
+        gen.manual_seed(cfg.train.seed * 100_003 + epoch * 101 + rank)
+        order = _shard(len(train_seqs), rank, world, np.random.default_rng(cfg.train.seed + epoch))
+        mean_loss = train_epoch(wrapped, opt, train_seqs, order, cfg, device, gen)
+        train_s = time.perf_counter() - t0
+
+        # Validation on this rank's slice of the users, gathered to every rank.
+        val_idx = np.arange(rank, len(val_targets), world)
+        local = rank_targets(model, [val_inputs[i] for i in val_idx], val_targets[val_idx],
+                             cfg.eval, ds.num_items, device=str(device))
+        ranks = _gather_ranks(local, val_idx, len(val_targets))
+        val = metrics_from_ranks(ranks, cfg.eval.ks, groups)
+        score = float(val["overall"][metric])
+        improved = score > state["best_metric"]
+        if improved:
+            state.update(best_metric=score, best_epoch=epoch, bad_epochs=0)
+            best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        record = {"epoch": epoch, "train_loss": mean_loss, "train_s": train_s,
+                  "epoch_s": time.perf_counter() - t0, "wall_time": time.time(),
+                  **{f"valid_{k}": v for k, v in val["overall"].items() if k != "n"},
+                  **{f"valid_tail_user_{metric}": val["tail_user"][metric]}}
+        state["history"].append(record)
+
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                cpu_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                save_file(cpu_state, os.path.join(d, "model.safetensors"))
+                save_file(best_weights or cpu_state, os.path.join(d, "best.safetensors"))
+                torch.save(opt.state_dict(), os.path.join(d, "optimizer.pt"))
+                Path(d, "state.json").write_text(json.dumps(state))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+                flag = "*" if improved else " "
+                print(f"[train] epoch {epoch:4d} loss {record['train_loss']:.4f} "
+                      f"valid {metric} {score:.4f}{flag} tail {val['tail_user'][metric]:.4f} "
+                      f"({record['epoch_s']:.1f}s)", flush=True)
+            ray.train.report({**record, "best_metric": state["best_metric"],
+                              "best_epoch": state["best_epoch"]}, checkpoint=checkpoint)
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def model_dir(cfg: Config, name: str) -> Path:
+    return cfg.workdir_path / "models" / name
+
+
+def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
+    return f"{cfg.digest(*TRAIN_SECTIONS)}-{dataset_manifest.get('config_digest', 'na')[:8]}"
+
+
+def load_trained(folder: str | Path) -> tuple[SeqRecModel, dict[str, Any]]:
+    """Rebuild a trained model from ``<model_dir>/best`` (safetensors + JSON, no pickle)."""
+    best = Path(folder) / "best"
+    meta_path = best / "model.json"
+    if not meta_path.is_file():
+        raise StageError(f"no trained model in {folder}", "run `llmser-ray train` first")
+    meta = json.loads(meta_path.read_text())
+    model = build_model(ModelConfig.model_validate(meta["model"]), int(meta["num_items"]))
+    model.load_state_dict(load_file(str(best / "model.safetensors")))
+    model.eval()
+    return model, meta
+
+
+def evaluate_splits(model: SeqRecModel, ds: SeqDataset, cfg: Config) -> dict[str, Any]:
+    """Test metrics by group under both protocols (the configured one is the headline)."""
+    inputs, targets = ds.split("test")
+    groups = _groups(ds, targets)
+    out: dict[str, Any] = {}
+    for protocol in ("full", "sampled"):
+        ecfg = cfg.eval.model_copy(update={"protocol": protocol})
+        seen = list(ds.sequences) if protocol == "sampled" else None
+        ranks = rank_targets(model, inputs, targets, ecfg, ds.num_items, seen=seen)
+        out[protocol] = metrics_from_ranks(ranks, cfg.eval.ks, groups)
+    return out
+
+
+def train(cfg: Config, name: str | None = None, force: bool = False) -> TrainResult:
+    """Train one backbone on ``<workdir>/dataset`` into ``<workdir>/models/<name>``.
+
+    Skips when a complete model with the same config and dataset exists (unless ``force``);
+    resumes from the latest Ray Train checkpoint when a previous run was interrupted.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from llmser_ray.ray_utils import init_ray
+
+    name = name or (f"{cfg.model.backbone}-reverse" if cfg.train.reverse else cfg.model.backbone)
+    dataset_dir = cfg.workdir_path / "dataset"
+    ds = load_dataset(dataset_dir)
+    out = model_dir(cfg, name)
+    key = _run_key(cfg, ds.manifest)
+    done = read_manifest(out)
+    if done and done.get("run_key") == key and not force:
+        metrics = json.loads((out / "metrics.json").read_text())
+        return TrainResult(out, True, metrics["best_epoch"], metrics["valid"], metrics["test"])
+
+    init_ray(cfg.ray)
+    storage = out / "ray"
+    storage.mkdir(parents=True, exist_ok=True)
+    run_name = f"run-{key}"
+    if force:
+        import shutil
+
+        shutil.rmtree(storage / run_name, ignore_errors=True)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "dataset_dir": str(dataset_dir)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker,
+                                  **({"GPU": 1} if cfg.train.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise StageError(f"training of {name} produced no checkpoint", "check the worker logs above")
+
+    with result.checkpoint.as_directory() as d:
+        state = json.loads(Path(d, "state.json").read_text())
+        best_state = load_file(os.path.join(d, "best.safetensors"))
+    model = build_model(cfg.model, ds.num_items)
+    model.load_state_dict(best_state)
+    model.eval()
+    best_epoch = int(state["best_epoch"])
+    best_record = next(h for h in state["history"] if h["epoch"] == best_epoch)
+    valid = {"overall": {k.removeprefix("valid_"): v for k, v in best_record.items()
+                         if k.startswith("valid_") and "tail_user" not in k}}
+    test = evaluate_splits(model, ds, cfg) if not cfg.train.reverse else {}
+
+    metrics = {"name": name, "best_epoch": best_epoch, "epochs_run": state["epoch"],
+               "history": state["history"], "valid": valid, "test": test,
+               "config": cfg.model_dump(mode="json")}
+    # Publish best/, metrics.json and the manifest together: the manifest marks completeness.
+    with atomic_dir(out / "best") as tmp:
+        save_file({k: v.contiguous() for k, v in best_state.items()},
+                  str(tmp / "model.safetensors"))
+        write_json(tmp / "model.json", {"model": cfg.model.model_dump(mode="json"),
+                                        "num_items": ds.num_items, "epoch": best_epoch,
+                                        "reverse": cfg.train.reverse})
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "manifest.json", {**manifest_header("train", SCHEMA_VERSION),
+                                       "run_key": key, "status": "complete",
+                                       "dataset": str(dataset_dir),
+                                       "dataset_digest": ds.manifest.get("config_digest")})
+    return TrainResult(out, False, best_epoch, valid, test)

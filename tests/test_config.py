@@ -1,0 +1,68 @@
+"""The config model: defaults in one place, strict keys, readable errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmser_ray.config import Config, load_config
+from llmser_ray.errors import ConfigError
+
+
+def test_defaults_are_the_reference_hyperparameters() -> None:
+    cfg = Config()
+    assert (cfg.model.hidden, cfg.model.layers, cfg.model.heads) == (64, 2, 1)
+    assert (cfg.model.dropout, cfg.model.max_len) == (0.5, 200)
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.patience) == (128, 1e-3, 20)
+    assert cfg.eval.protocol == "full" and cfg.eval.ks == [5, 10, 20]
+    assert cfg.ray.dashboard_host == "127.0.0.1"
+
+
+def test_yaml_and_overrides(tmp_path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  backbone: gru4rec\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(p, ["train.lr=0.002", "eval.ks=[1, 10]", "eval.metric=hr@1"])
+    assert cfg.model.backbone == "gru4rec"
+    assert cfg.train.lr == 0.002
+    assert cfg.eval.ks == [1, 10]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["train.lrr=0.1"], "unknown key 'train.lrr'"),
+        (["bogus.x=1"], "unknown key 'bogus'"),
+        (["train.lr=-1"], "'train.lr'"),
+        (["model.dropout=1.5"], "'model.dropout'"),
+        (["model.backbone=transformer"], "'model.backbone'"),
+        (["model.hidden=65", "model.heads=2"], "divisible"),
+        (["eval.metric=mrr@10"], "eval.metric"),
+        (["data.source=csv"], "data.path is required"),
+        (["train.lr"], "not key=value"),
+    ],
+)
+def test_bad_values_name_the_problem_and_fix(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    msg = str(e.value)
+    assert needle in msg
+    assert "Fix:" in msg and "\n" not in msg
+
+
+def test_missing_and_invalid_files(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(scalar)
+
+
+def test_digest_tracks_only_named_sections() -> None:
+    a = Config()
+    b = load_config(None, ["train.lr=0.01"])
+    assert a.digest("model") == b.digest("model")
+    assert a.digest("train") != b.digest("train")
