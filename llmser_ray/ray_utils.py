@@ -22,9 +22,9 @@ def init_ray(cfg: RayConfig, quiet: bool = False) -> str | None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     try:
         if cfg.address:
-            ray.init(address=cfg.address, log_to_driver=True)
+            ctx = ray.init(address=cfg.address, log_to_driver=True)
         else:
-            ray.init(
+            ctx = ray.init(
                 num_cpus=cfg.num_cpus,
                 include_dashboard=cfg.include_dashboard,
                 dashboard_host=cfg.dashboard_host,
@@ -36,7 +36,8 @@ def init_ray(cfg: RayConfig, quiet: bool = False) -> str | None:
             "check the address (ray://host:10001 or host:6379) and that the cluster is up, "
             "or drop --address to start a local Ray",
         ) from None
-    url = _dashboard_url()
+    url = getattr(ctx, "dashboard_url", None) or None
+    url = (url if url.startswith("http") else f"http://{url}") if url else None
     if url and not quiet:
         print(f"[ray] dashboard: {url}", flush=True)
     return url
@@ -50,8 +51,5 @@ def _dashboard_url() -> str | None:
     except AttributeError:
         url = None
     if not url:
-        try:
-            url = ray.worker.get_dashboard_url()
-        except Exception:
-            return None
+        return None
     return url if url.startswith("http") else f"http://{url}"

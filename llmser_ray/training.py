@@ -15,9 +15,11 @@ Why this shape:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -140,11 +142,31 @@ def train_epoch(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, train_seqs
 # ----------------------------------------------------------------------------- the worker loop
 
 
+def quiet_ray_train(level: str) -> None:
+    """Drop Ray Train's per-report INFO lines at their source (its level filter is bypassed by
+    propagation to Ray's console handler in 2.60), so the epoch lines stay readable."""
+    import logging
+
+    try:  # a private module whose logger is named by its file path
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(getattr(logging, level))
+
+
+def log_line(text: str) -> None:
+    """One progress line on the worker's stdout (Ray forwards it to the driver). Not ``print``:
+    Ray Train patches ``print`` into its logger, which then shows every line twice."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def _train_loop(loop_cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
     cfg = Config.model_validate(loop_cfg["config"])
+    quiet_ray_train(cfg.train.ray_log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker))
@@ -174,8 +196,8 @@ def _train_loop(loop_cfg: dict[str, Any]) -> None:
             best_weights = load_file(os.path.join(d, "best.safetensors"))
             state = json.loads(Path(d, "state.json").read_text())
         if rank == 0:
-            print(f"[train] resumed after epoch {state['epoch']} "
-                  f"(best {cfg.eval.metric}={state['best_metric']:.4f} at {state['best_epoch']})")
+            log_line(f"[train] resumed after epoch {state['epoch']} "
+                     f"(best {cfg.eval.metric}={state['best_metric']:.4f} at {state['best_epoch']})")
 
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
     metric = cfg.eval.metric
@@ -218,14 +240,33 @@ def _train_loop(loop_cfg: dict[str, Any]) -> None:
                 Path(d, "state.json").write_text(json.dumps(state))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
                 flag = "*" if improved else " "
-                print(f"[train] epoch {epoch:4d} loss {record['train_loss']:.4f} "
-                      f"valid {metric} {score:.4f}{flag} tail {val['tail_user'][metric]:.4f} "
-                      f"({record['epoch_s']:.1f}s)", flush=True)
+                log_line(f"[train] epoch {epoch:4d} loss {record['train_loss']:.4f} "
+                         f"valid {metric} {score:.4f}{flag} tail {val['tail_user'][metric]:.4f} "
+                         f"({record['epoch_s']:.1f}s)")
             ray.train.report({**record, "best_metric": state["best_metric"],
                               "best_epoch": state["best_epoch"]}, checkpoint=checkpoint)
 
 
 # ----------------------------------------------------------------------------- driver side
+
+
+def ray_storage(cfg: Config, sub: str) -> str:
+    """Where Ray Train/Tune persist checkpoints: ``<workdir>/<sub>/ray`` or, on a cluster,
+    ``ray.storage_path/<sub>`` (an NFS path or an s3:// / gs:// URI every node can reach)."""
+    if cfg.ray.storage_path:
+        return f"{cfg.ray.storage_path.rstrip('/')}/{cfg.workdir_path.name}/{sub}"
+    local = cfg.workdir_path / sub / "ray"
+    local.mkdir(parents=True, exist_ok=True)
+    return str(local)
+
+
+def clear_run(storage_uri: str, run_name: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(storage_uri) if "://" in storage_uri else \
+        (pafs.LocalFileSystem(), storage_uri)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        fs.delete_dir(f"{path}/{run_name}")
 
 
 def model_dir(cfg: Config, name: str) -> Path:
@@ -285,13 +326,10 @@ def train(cfg: Config, name: str | None = None, force: bool = False) -> TrainRes
         return TrainResult(out, True, metrics["best_epoch"], metrics["valid"], metrics["test"])
 
     init_ray(cfg.ray)
-    storage = out / "ray"
-    storage.mkdir(parents=True, exist_ok=True)
     run_name = f"run-{key}"
+    storage_uri = ray_storage(cfg, f"models/{name}")
     if force:
-        import shutil
-
-        shutil.rmtree(storage / run_name, ignore_errors=True)
+        clear_run(storage_uri, run_name)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "dataset_dir": str(dataset_dir)},
@@ -300,8 +338,10 @@ def train(cfg: Config, name: str | None = None, force: bool = False) -> TrainRes
             resources_per_worker={"CPU": cfg.train.cpus_per_worker,
                                   **({"GPU": 1} if cfg.train.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(storage),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+            name=run_name, storage_path=storage_uri,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # Our per-epoch line is the progress display; Ray Train's per-report INFO lines drown it.
+            logging_config=ray.train.LoggingConfig(log_level=cfg.train.ray_log_level)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
