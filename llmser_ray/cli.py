@@ -110,6 +110,72 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = N
 
 @app.command()
 @_user_errors
+def pretrain(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
+             address: AddressOpt = None, force: ForceOpt = False) -> None:
+    """Train the plain forward backbone (the baseline, ARV's recommender) and the reverse one (CCG)."""
+    from llmser_ray.pretrain import pretrain as run_pretrain
+    from llmser_ray.reporting import print_metrics
+
+    cfg = _config(config, set_, workdir, address)
+    res = run_pretrain(cfg, force=force)
+    print_metrics(res.forward, cfg)
+    typer.echo(f"forward: {res.forward.model_dir}\nreverse: {res.reverse.model_dir}")
+
+
+@app.command()
+@_user_errors
+def embed(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
+          address: AddressOpt = None, force: ForceOpt = False) -> None:
+    """Embed every item's text (<workdir>/embeddings) with a Ray Data actor pool."""
+    from llmser_ray.text.embed import embed_items
+
+    cfg = _config(config, set_, workdir, address)
+    res = embed_items(cfg, force=force)
+    typer.echo(f"embeddings {'up to date' if res.skipped else 'written'}: {res.path} "
+               f"(model={res.model} dim={res.dim}, {res.seconds:.1f}s)")
+
+
+@app.command()
+@_user_errors
+def augment(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
+            address: AddressOpt = None, force: ForceOpt = False,
+            candidates_only: Annotated[bool, typer.Option(
+                "--candidates-only", help="Only the collaborative candidates (no LLM).")] = False,
+            skip_validate: Annotated[bool, typer.Option(
+                "--skip-validate", help="Stop after SIA; run `validate` later.")] = False) -> None:
+    """SIA (candidates, LLM selection, grounding) then ARV reliability weights; resumable."""
+    from llmser_ray.augment.sia import augment as run_augment
+    from llmser_ray.reporting import print_summary
+
+    cfg = _config(config, set_, workdir, address)
+    res = run_augment(cfg, force=force, candidates_only=candidates_only)
+    typer.echo(f"candidates {'up to date' if res.candidates.skipped else 'written'}: "
+               f"{res.candidates.path} ({res.candidates.users} users)")
+    if candidates_only:
+        return
+    print_summary("augmented", res.path, res.skipped, res.summary)
+    if not skip_validate:
+        from llmser_ray.augment.arv import validate as run_validate
+
+        val = run_validate(cfg, force=force)
+        print_summary("reliability", val.path, val.skipped, val.summary)
+
+
+@app.command()
+@_user_errors
+def validate(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
+             address: AddressOpt = None, force: ForceOpt = False) -> None:
+    """ARV: reliability r_u and weights w_u of the augmented users; resumable."""
+    from llmser_ray.augment.arv import validate as run_validate
+    from llmser_ray.reporting import print_summary
+
+    cfg = _config(config, set_, workdir, address)
+    val = run_validate(cfg, force=force)
+    print_summary("reliability", val.path, val.skipped, val.summary)
+
+
+@app.command()
+@_user_errors
 def run(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
         address: AddressOpt = None) -> None:
     """Run every stage in order, skipping those whose inputs and config are unchanged."""
@@ -117,3 +183,30 @@ def run(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = Non
 
     cfg = _config(config, set_, workdir, address)
     run_pipeline(cfg)
+
+
+@app.command()
+@_user_errors
+def tune(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
+         address: AddressOpt = None,
+         fresh: Annotated[bool, typer.Option(
+             "--fresh", help="Start a new experiment instead of restoring an interrupted one.")] = False
+         ) -> None:
+    """Ray Tune over dual-channel training (N, beta, T, lr, ...) on cached upstream stages."""
+    from rich.console import Console
+
+    from llmser_ray.tuning import summary_table
+    from llmser_ray.tuning import tune as run_tune
+
+    cfg = _config(config, set_, workdir, address)
+    out = run_tune(cfg, fresh=fresh)
+    console = Console(width=max(Console().width, 140))
+    console.print(summary_table(out.table, cfg))
+    if out.baseline and out.best:
+        from llmser_ray.pipeline import comparison_table
+
+        best = {g: {cfg.eval.metric: out.best.get(f"test_{g}_{cfg.eval.metric}") or float("nan")}
+                for g in ("overall", "tail_user", "head_user", "tail_item", "head_item")}
+        console.print(comparison_table(out.baseline, best, cfg.eval.metric,
+                                       "test, full ranking: baseline vs best trial"))
+    console.print(f"report: {out.report_dir / 'report.html'}")

@@ -161,6 +161,10 @@ class TrainConfig(_Strict):
     # torch intra-op threads per worker (0 = leave torch's default).
     torch_threads: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
+    # Worker-group restarts Ray Train makes after a worker or its node dies; each restart resumes
+    # from the latest checkpoint (-1 = unlimited). 0 by default so that a bug in the training
+    # loop fails at once instead of being retried; cluster configs set it.
+    max_failures: int = Field(0, ge=-1)
     # Ray Train's own console logging (our per-epoch line shows progress either way).
     ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
@@ -251,6 +255,9 @@ class AugmentConfig(_Strict):
 
     # Which users get pseudo-prior items: long-tail users (the method) or everyone.
     users: Literal["tail", "all"] = "tail"
+    # At most this many of those users (a seeded random sample): for smoke tests and budgeted
+    # runs. None = all of them.
+    max_users: int | None = Field(None, ge=1)
     # Collaborative candidate generator: top-K of the reverse-trained backbone.
     num_candidates: int = Field(20, ge=2, le=200)
     # Exclude items the user already has (the reference code does not: set False to match it).
@@ -274,6 +281,11 @@ class AugmentConfig(_Strict):
     hide: Literal["last_train", "validation_LEAKS_LABEL"] = "last_train"
     arv_candidates: int = Field(10, ge=2, le=100)
     seed: int = 0
+    # Ray Data actor pools that score users with a backbone (candidates, ARV) and ground replies.
+    scorer_actors: int = Field(1, ge=1)
+    scorer_cpus: float = Field(0.5, gt=0)
+    scorer_gpus: float = Field(0.0, ge=0)
+    scorer_batch_size: int = Field(256, ge=1)
 
 
 class DualConfig(_Strict):
@@ -285,6 +297,10 @@ class DualConfig(_Strict):
     pseudo_source: Literal["llm", "candidates"] = "llm"
     # N: pseudo-prior items used (the first N of what the augment stage stored).
     num_pseudo: int = Field(12, ge=1, le=200)
+    # Order of the pseudo prefix: "llm" as the LLM listed them (the reference); "candidate" by
+    # the reverse model's rank with the best candidate next to the real history (it is the
+    # model's guess for the item just before the first real one).
+    order: Literal["llm", "candidate"] = "llm"
     # Length decay of the reliability: step: w = r if len <= T else beta * r;
     # smooth: w = r * exp(-beta * max(0, len - T)).
     decay: Literal["step", "smooth"] = "step"

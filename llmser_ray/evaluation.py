@@ -6,7 +6,9 @@ FULL protocol (the default; sampled metrics are biased, Krichene & Rendle 2020).
 ``1..num_items`` competes with the target, except:
 - the padding column 0, always;
 - with ``EvalConfig.mask_history``, every item of the user's WHOLE input history (all of
-  ``inputs[u]``, not only the last ``max_len`` items the model reads).
+  ``inputs[u]``, not only the last ``max_len`` items the model reads), or of ``seen[u]`` when
+  given: augmented users READ pseudo-prior items, but only their real history is masked, so a
+  baseline and an augmented model compete against the same items.
 The target is always ranked with its own score, even when it also occurs in the history.
 
 SAMPLED protocol (the papers' protocol, for comparison with published numbers). The target
@@ -55,6 +57,39 @@ def _sample_negatives(seen: Sequence[np.ndarray], targets: np.ndarray, num_items
     return out
 
 
+def _nan_to_neg_inf(x: torch.Tensor) -> torch.Tensor:
+    return x.masked_fill(x.isnan(), float("-inf"))
+
+
+def _full_ranks(scores: torch.Tensor, tgt: torch.Tensor, hist: torch.Tensor | None) -> torch.Tensor:
+    """Pessimistic full-ranking ranks of one batch: ``[B]`` from scores ``[B, I + 1]``.
+
+    Two passes over the score matrix (compare, count) and never a write into it: ``scores`` may
+    be a model's own buffer. The excluded columns (padding, history, the target itself) are
+    switched off in the boolean comparison result by scatters that touch only those cells. A
+    NaN competitor compares False, which is exactly "NaN counts as -inf" against a finite or
+    +inf target; a target whose score is NaN or -inf ties with every competitor, so its rank is
+    the number of competitors (counted separately for those rare rows).
+    """
+    target_score = scores.gather(1, tgt)
+    beaten = scores >= target_score
+    beaten[:, 0] = False
+    if hist is not None:
+        beaten.scatter_(1, hist, False)
+    beaten.scatter_(1, tgt, False)  # the target does not compete with itself
+    ranks = beaten.sum(1, dtype=torch.int32)  # int32 sums bools about twice as fast as int64
+    floor = ~(target_score.squeeze(1) > float("-inf"))  # NaN or -inf
+    if floor.any():
+        rows = floor.nonzero(as_tuple=True)[0]
+        competes = torch.ones(len(rows), scores.shape[1], dtype=torch.bool, device=scores.device)
+        competes[:, 0] = False
+        if hist is not None:
+            competes.scatter_(1, hist[rows], False)
+        competes.scatter_(1, tgt[rows], False)
+        ranks[rows] = competes.sum(1, dtype=torch.int32)
+    return ranks
+
+
 def rank_targets(model: SeqRecModel, inputs: Sequence[np.ndarray], targets: np.ndarray,
                  cfg: EvalConfig, num_items: int, seen: Sequence[np.ndarray] | None = None,
                  device: str | torch.device = "cpu") -> np.ndarray:
@@ -85,23 +120,21 @@ def rank_targets(model: SeqRecModel, inputs: Sequence[np.ndarray], targets: np.n
                 batch = [np.asarray(s, dtype=np.int64) for s in inputs[start:stop]]
                 seqs = torch.from_numpy(pad_left(batch, model.max_len)).to(device)
                 scores = model.score_all(seqs).float()
-                scores = scores.masked_fill(scores.isnan(), float("-inf"))
                 tgt = torch.from_numpy(targets[start:stop]).to(device).unsqueeze(1)
-                target_score = scores.gather(1, tgt)
                 if negatives is None:
-                    competes = torch.ones_like(scores, dtype=torch.bool)
-                    competes[:, 0] = False
+                    hist = None
                     if cfg.mask_history:
-                        longest = max((len(s) for s in batch), default=0)
-                        hist = torch.from_numpy(pad_left(batch, max(longest, 1))).to(device)
-                        competes.scatter_(1, hist, False)
-                    competes.scatter_(1, tgt, False)  # the target does not compete with itself
+                        masked = batch if seen is None else [np.asarray(s, dtype=np.int64)
+                                                             for s in seen[start:stop]]
+                        longest = max((len(s) for s in masked), default=0)
+                        hist = torch.from_numpy(pad_left(masked, max(longest, 1))).to(device)
+                    ranks[start:stop] = _full_ranks(scores, tgt, hist).cpu().numpy()
                 else:
                     neg = torch.from_numpy(negatives[start:stop]).to(device)
-                    competes = neg >= 0
-                    scores = scores.gather(1, neg.clamp_min(0))
-                beaten = (scores >= target_score) & competes
-                ranks[start:stop] = beaten.sum(1).cpu().numpy()
+                    target_score = _nan_to_neg_inf(scores.gather(1, tgt))
+                    competing = _nan_to_neg_inf(scores.gather(1, neg.clamp_min(0)))
+                    beaten = (competing >= target_score) & (neg >= 0)
+                    ranks[start:stop] = beaten.sum(1).cpu().numpy()
     finally:
         model.train(was_training)
     return ranks

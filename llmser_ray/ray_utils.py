@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any
 
 from llmser_ray.config import RayConfig
 from llmser_ray.errors import ConfigError
@@ -53,3 +55,39 @@ def _dashboard_url() -> str | None:
     if not url:
         return None
     return url if url.startswith("http") else f"http://{url}"
+
+
+def plain_column(values: Any) -> Any:
+    """A Ray Data numpy column (2-D array, object array of arrays, or scalars) as plain Arrow.
+
+    Ray Data stores list columns as tensor extension types; our Parquet schemas are plain
+    ``list<...>`` so that any reader (pandas, DuckDB, Spark) can open a stage's output.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    arr = np.asarray(values) if not isinstance(values, np.ndarray) else values
+    if arr.dtype == object or arr.ndim > 1:
+        rows = [np.asarray(v).tolist() for v in arr]
+        return pa.array(rows)
+    return pa.array(arr)
+
+
+def iter_plain_batches(ds: Any, batch_size: int | None = None) -> Iterator[Any]:
+    """Stream a Ray Dataset back to the driver as plain ``pyarrow.Table`` batches."""
+    import pyarrow as pa
+
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=batch_size):
+        yield pa.table({k: plain_column(v) for k, v in batch.items()})
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-operator progress log floods a terminal; keep warnings only."""
+    import logging
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)

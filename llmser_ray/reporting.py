@@ -36,3 +36,20 @@ def print_metrics(result: Any, cfg: Any, console: Console | None = None) -> None
         label = "full ranking" if protocol == "full" else \
             f"1 positive + {cfg.eval.num_negatives} sampled negatives"
         console.print(metrics_table(f"test, {label}", groups, cfg.eval.ks))
+
+
+def print_summary(what: str, path: Any, skipped: bool, summary: dict[str, Any],
+                  console: Console | None = None) -> None:
+    """A stage summary (summary.json) as a two-column table."""
+    console = console or Console()
+    table = Table(title=f"{what}: {'up to date' if skipped else 'written'} ({path})")
+    table.add_column("key")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in value.items())
+        table.add_row(key, str(value))
+    console.print(table)

@@ -16,6 +16,7 @@ Why this shape:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -41,6 +42,8 @@ from llmser_ray.models.base import SeqRecModel
 
 SCHEMA_VERSION = 1
 TRAIN_SECTIONS = ("model", "train", "eval")
+OPERATIONAL_TRAIN_KEYS = ("cpus_per_worker", "torch_threads", "ray_log_level", "max_failures",
+                          "keep_checkpoints", "use_gpu")
 
 
 @dataclass
@@ -77,6 +80,48 @@ def validation_split(ds: SeqDataset, reverse: bool) -> tuple[list[np.ndarray], n
 
 def _groups(ds: SeqDataset, targets: np.ndarray) -> dict[str, np.ndarray]:
     return user_groups(ds.is_tail_user, ds.is_tail_item[targets])
+
+
+@dataclass
+class TrainingData:
+    """Everything the loop iterates over, for plain or dual-channel training.
+
+    ``aug_seqs``/``weights`` are None for plain training. Validation inputs are augmented for
+    augmented users when ``dual.infer_augmented`` (the method reads the augmented sequence at
+    inference); ``val_seen`` is always the real history, which is what ranking masks.
+    """
+
+    train_seqs: list[np.ndarray]
+    aug_seqs: list[np.ndarray] | None
+    weights: np.ndarray | None
+    val_inputs: list[np.ndarray]
+    val_targets: np.ndarray
+    val_seen: list[np.ndarray]
+
+    @classmethod
+    def build(cls, cfg: Config, ds: SeqDataset) -> TrainingData:
+        seqs = training_sequences(ds, cfg.train.reverse)
+        val_inputs, val_targets = validation_split(ds, cfg.train.reverse)
+        val_seen = list(val_inputs)
+        aug_seqs = weights = None
+        if cfg.dual.enabled:
+            if cfg.train.reverse:
+                raise StageError("dual-channel training of a reverse model is not defined",
+                                 "set dual.enabled=false for the reverse (candidate) model")
+            from llmser_ray.augment.weights import load_augmentation
+
+            aug = load_augmentation(cfg, ds)
+            aug_seqs = aug.inputs(seqs)
+            weights = aug.weight
+            if cfg.dual.infer_augmented:
+                val_inputs = aug.inputs(val_inputs)
+        # A user trains if either channel has a target to predict.
+        keep = [i for i, s in enumerate(seqs)
+                if len(s) >= 2 or (weights is not None and weights[i] > 0)]
+        return cls([seqs[i] for i in keep],
+                   None if aug_seqs is None else [aug_seqs[i] for i in keep],
+                   None if weights is None else weights[keep],
+                   val_inputs, val_targets, val_seen)
 
 
 class LossModule(torch.nn.Module):
@@ -121,16 +166,48 @@ def _gather_ranks(local: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def batch_loss(wrapped: torch.nn.Module, idx: np.ndarray, train_seqs: list[np.ndarray], cfg: Config,
+               device: torch.device | str, gen: torch.Generator | None,
+               aug_seqs: list[np.ndarray] | None = None,
+               weights: np.ndarray | None = None) -> torch.Tensor:
+    """Mean over the batch's users of ``(1 - w_u) * L(original_u) + w_u * L(augmented_u)``.
+
+    Both channels of the same users go through ONE forward pass (the augmented rows appended to
+    the original ones), so DDP sees one graph per step and a user's two channels always share a
+    step. Users with ``w_u = 0`` (not augmented) contribute only their original sequence.
+    """
+    seqs = [train_seqs[i] for i in idx]
+    aug_rows = np.zeros(0, dtype=np.int64)
+    if aug_seqs is not None and weights is not None:
+        aug_rows = np.flatnonzero(weights[idx] > 0)
+        seqs += [aug_seqs[idx[j]] for j in aug_rows]
+    batch = _batch_tensor(seqs, cfg.model.max_len).to(device)
+    per_seq = wrapped(batch, cfg.train.loss, cfg.train.num_negatives, gen)
+    n = len(idx)
+    if not len(aug_rows):
+        return per_seq.mean()
+    w = torch.zeros(n, dtype=per_seq.dtype, device=per_seq.device)
+    w[torch.from_numpy(aug_rows).to(per_seq.device)] = torch.as_tensor(
+        weights[idx[aug_rows]], dtype=per_seq.dtype, device=per_seq.device)
+    combined = (1 - w) * per_seq[:n]
+    combined = combined.index_add(0, torch.from_numpy(aug_rows).to(per_seq.device),
+                                  w[torch.from_numpy(aug_rows).to(per_seq.device)] * per_seq[n:])
+    return combined.mean()
+
+
 def train_epoch(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, train_seqs: list[np.ndarray],
                 order: np.ndarray, cfg: Config, device: torch.device | str,
-                gen: torch.Generator | None) -> float:
-    """One pass over ``order``; shared by the Ray worker loop and the plain-PyTorch benchmark."""
+                gen: torch.Generator | None, aug_seqs: list[np.ndarray] | None = None,
+                weights: np.ndarray | None = None) -> float:
+    """One pass over ``order``; shared by the Ray worker loop and the plain-PyTorch benchmark.
+
+    With ``aug_seqs`` and ``weights`` (indexed like ``train_seqs``) it is a dual-channel epoch.
+    """
     wrapped.train()
     total, steps = 0.0, 0
     for start in range(0, len(order), cfg.train.batch_size):
         idx = order[start:start + cfg.train.batch_size]
-        batch = _batch_tensor([train_seqs[i] for i in idx], cfg.model.max_len).to(device)
-        loss = wrapped(batch, cfg.train.loss, cfg.train.num_negatives, gen).mean()
+        loss = batch_loss(wrapped, idx, train_seqs, cfg, device, gen, aug_seqs, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -174,10 +251,9 @@ def _train_loop(loop_cfg: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)
 
     ds = load_dataset(loop_cfg["dataset_dir"])
-    train_seqs = training_sequences(ds, cfg.train.reverse)
-    keep = [i for i, s in enumerate(train_seqs) if len(s) >= 2]
-    train_seqs = [train_seqs[i] for i in keep]
-    val_inputs, val_targets = validation_split(ds, cfg.train.reverse)
+    data = TrainingData.build(cfg, ds)
+    train_seqs, aug_seqs, weights = data.train_seqs, data.aug_seqs, data.weights
+    val_inputs, val_targets, val_seen = data.val_inputs, data.val_targets, data.val_seen
     groups = _groups(ds, val_targets)
 
     model = build_model(cfg.model, ds.num_items)
@@ -207,13 +283,14 @@ def _train_loop(loop_cfg: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         gen.manual_seed(cfg.train.seed * 100_003 + epoch * 101 + rank)
         order = _shard(len(train_seqs), rank, world, np.random.default_rng(cfg.train.seed + epoch))
-        mean_loss = train_epoch(wrapped, opt, train_seqs, order, cfg, device, gen)
+        mean_loss = train_epoch(wrapped, opt, train_seqs, order, cfg, device, gen, aug_seqs, weights)
         train_s = time.perf_counter() - t0
 
         # Validation on this rank's slice of the users, gathered to every rank.
         val_idx = np.arange(rank, len(val_targets), world)
         local = rank_targets(model, [val_inputs[i] for i in val_idx], val_targets[val_idx],
-                             cfg.eval, ds.num_items, device=str(device))
+                             cfg.eval, ds.num_items, device=str(device),
+                             seen=[val_seen[i] for i in val_idx])
         ranks = _gather_ranks(local, val_idx, len(val_targets))
         val = metrics_from_ranks(ranks, cfg.eval.ks, groups)
         score = float(val["overall"][metric])
@@ -227,7 +304,8 @@ def _train_loop(loop_cfg: dict[str, Any]) -> None:
         record = {"epoch": epoch, "train_loss": mean_loss, "train_s": train_s,
                   "epoch_s": time.perf_counter() - t0, "wall_time": time.time(),
                   **{f"valid_{k}": v for k, v in val["overall"].items() if k != "n"},
-                  **{f"valid_tail_user_{metric}": val["tail_user"][metric]}}
+                  **{f"valid_{g}_{metric}": val[g][metric]
+                     for g in ("tail_user", "head_user", "tail_item", "head_item")}}
         state["history"].append(record)
 
         with tempfile.TemporaryDirectory() as d:
@@ -273,8 +351,30 @@ def model_dir(cfg: Config, name: str) -> Path:
     return cfg.workdir_path / "models" / name
 
 
+def default_name(cfg: Config) -> str:
+    """``sasrec`` (plain = the baseline), ``sasrec-reverse`` (candidate generator),
+    ``sasrec-llmser`` (dual-channel LLMSeR), ``sasrec-candidates`` (dual-channel, no LLM)."""
+    if cfg.train.reverse:
+        return f"{cfg.model.backbone}-reverse"
+    if cfg.dual.enabled:
+        return f"{cfg.model.backbone}-{'llmser' if cfg.dual.pseudo_source == 'llm' else 'candidates'}"
+    return cfg.model.backbone
+
+
 def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
-    return f"{cfg.digest(*TRAIN_SECTIONS)}-{dataset_manifest.get('config_digest', 'na')[:8]}"
+    """Identity of a training run: its config, its dataset and, for dual-channel runs, the
+    augmentation it read (so new LLM output retrains instead of reusing a stale model)."""
+    payload = {s: getattr(cfg, s).model_dump(mode="json") for s in TRAIN_SECTIONS}
+    for op in OPERATIONAL_TRAIN_KEYS:  # how it runs, not what it learns: changing them resumes
+        payload["train"].pop(op, None)
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    key = f"{digest}-{dataset_manifest.get('config_digest', 'na')[:8]}"
+    if cfg.dual.enabled:
+        from llmser_ray.augment.weights import augmentation_dir
+
+        aug = read_manifest(augmentation_dir(cfg)) or {}
+        key += f"-{cfg.digest('dual')[:8]}-{str(aug.get('config_digest', 'na'))[:8]}"
+    return key
 
 
 def load_trained(folder: str | Path) -> tuple[SeqRecModel, dict[str, Any]]:
@@ -294,20 +394,32 @@ def evaluate_splits(model: SeqRecModel, ds: SeqDataset, cfg: Config) -> dict[str
     """Test metrics by group under both protocols (the configured one is the headline)."""
     inputs, targets = ds.split("test")
     groups = _groups(ds, targets)
+    real_history = list(inputs)
+    if cfg.dual.enabled and cfg.dual.infer_augmented:
+        from llmser_ray.augment.weights import load_augmentation
+
+        inputs = load_augmentation(cfg, ds).inputs(inputs)
     out: dict[str, Any] = {}
     for protocol in ("full", "sampled"):
         ecfg = cfg.eval.model_copy(update={"protocol": protocol})
-        seen = list(ds.sequences) if protocol == "sampled" else None
+        # Full: mask the real history only. Sampled: negatives avoid every real item (incl. the
+        # target), the same draw for every model so baselines and LLMSeR are comparable.
+        seen = list(ds.sequences) if protocol == "sampled" else real_history
         ranks = rank_targets(model, inputs, targets, ecfg, ds.num_items, seen=seen)
         out[protocol] = metrics_from_ranks(ranks, cfg.eval.ks, groups)
     return out
 
 
-def train(cfg: Config, name: str | None = None, force: bool = False) -> TrainResult:
+def train(cfg: Config, name: str | None = None, force: bool = False,
+          out_dir: Path | None = None, callbacks: list[Any] | None = None,
+          storage_uri: str | None = None) -> TrainResult:
     """Train one backbone on ``<workdir>/dataset`` into ``<workdir>/models/<name>``.
 
-    Skips when a complete model with the same config and dataset exists (unless ``force``);
-    resumes from the latest Ray Train checkpoint when a previous run was interrupted.
+    Plain training by default; dual-channel (METHOD stage 3) with ``dual.enabled``. Skips when a
+    complete model with the same run key exists (unless ``force``); resumes from the latest Ray
+    Train checkpoint when a previous run was interrupted. Tune passes ``out_dir`` (the trial's
+    folder), ``callbacks`` (its report callback) and ``storage_uri`` (where the trial's Train
+    checkpoints live).
     """
     import ray
     import ray.train
@@ -315,10 +427,14 @@ def train(cfg: Config, name: str | None = None, force: bool = False) -> TrainRes
 
     from llmser_ray.ray_utils import init_ray
 
-    name = name or (f"{cfg.model.backbone}-reverse" if cfg.train.reverse else cfg.model.backbone)
+    name = name or default_name(cfg)
     dataset_dir = cfg.workdir_path / "dataset"
     ds = load_dataset(dataset_dir)
-    out = model_dir(cfg, name)
+    if cfg.dual.enabled:  # fail here, with the fix, rather than inside a Ray worker
+        from llmser_ray.augment.weights import load_augmentation
+
+        load_augmentation(cfg, ds)
+    out = out_dir or model_dir(cfg, name)
     key = _run_key(cfg, ds.manifest)
     done = read_manifest(out)
     if done and done.get("run_key") == key and not force:
@@ -327,7 +443,7 @@ def train(cfg: Config, name: str | None = None, force: bool = False) -> TrainRes
 
     init_ray(cfg.ray)
     run_name = f"run-{key}"
-    storage_uri = ray_storage(cfg, f"models/{name}")
+    storage_uri = storage_uri or ray_storage(cfg, f"models/{name}")
     if force:
         clear_run(storage_uri, run_name)
     trainer = TorchTrainer(
@@ -340,8 +456,11 @@ def train(cfg: Config, name: str | None = None, force: bool = False) -> TrainRes
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_uri,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # A dead worker or node restarts the worker group from the latest checkpoint.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             # Our per-epoch line is the progress display; Ray Train's per-report INFO lines drown it.
-            logging_config=ray.train.LoggingConfig(log_level=cfg.train.ray_log_level)),
+            logging_config=ray.train.LoggingConfig(log_level=cfg.train.ray_log_level),
+            callbacks=callbacks or None),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -355,8 +474,11 @@ def train(cfg: Config, name: str | None = None, force: bool = False) -> TrainRes
     model.eval()
     best_epoch = int(state["best_epoch"])
     best_record = next(h for h in state["history"] if h["epoch"] == best_epoch)
+    group_keys = {f"valid_{g}_{cfg.eval.metric}": g
+                  for g in ("tail_user", "head_user", "tail_item", "head_item")}
     valid = {"overall": {k.removeprefix("valid_"): v for k, v in best_record.items()
-                         if k.startswith("valid_") and "tail_user" not in k}}
+                         if k.startswith("valid_") and k not in group_keys}}
+    valid.update({g: {cfg.eval.metric: best_record[k]} for k, g in group_keys.items() if k in best_record})
     test = evaluate_splits(model, ds, cfg) if not cfg.train.reverse else {}
 
     metrics = {"name": name, "best_epoch": best_epoch, "epochs_run": state["epoch"],
@@ -368,7 +490,9 @@ def train(cfg: Config, name: str | None = None, force: bool = False) -> TrainRes
                   str(tmp / "model.safetensors"))
         write_json(tmp / "model.json", {"model": cfg.model.model_dump(mode="json"),
                                         "num_items": ds.num_items, "epoch": best_epoch,
-                                        "reverse": cfg.train.reverse})
+                                        "reverse": cfg.train.reverse,
+                                        "dual": (cfg.dual.model_dump(mode="json")
+                                                 if cfg.dual.enabled else None)})
     write_json(out / "metrics.json", metrics)
     write_json(out / "manifest.json", {**manifest_header("train", SCHEMA_VERSION),
                                        "run_key": key, "status": "complete",

@@ -1,0 +1,1 @@
+"""The LLMSeR augmentation stages: candidates (CCG), SIA (LLM selection + grounding) and ARV."""

@@ -1,0 +1,282 @@
+"""Stage ``validate``: Adaptive Reliability Validation (METHOD stage 2) -> ``<workdir>/reliability/``.
+
+For each augmented user: hide one known item, let the FORWARD backbone propose its top
+``augment.arv_candidates`` from the augmented prefix (pseudo items + the rest of the history),
+let the LLM pick one (decoding constrained to a candidate number), and take
+``r_u = cosine(text(picked), text(hidden))`` from the FAISS actors. ``w_u`` applies the length
+decay; training recomputes it with its own settings (augment/weights.py).
+
+The hidden item is the LAST TRAINING item by default. The reference hides the validation item,
+which puts the validation label into the training weights; that variant exists only as
+``augment.hide=validation_LEAKS_LABEL``, named so that nobody picks it by accident.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llmser_ray.augment.prompts import request_row, validation_choices, validation_messages
+from llmser_ray.augment.shards import ShardWriter
+from llmser_ray.augment.sia import _digest, llm_identity
+from llmser_ray.augment.weights import decay_weights
+from llmser_ray.config import Config
+from llmser_ray.data.dataset import load_dataset, split_list_column
+from llmser_ray.errors import StageError
+from llmser_ray.io import atomic_dir, manifest_header, read_manifest, write_json
+
+SCHEMA_VERSION = 1
+STREAM_COLUMNS = ["user_id", "hidden_item", "arv_candidates", "picked_item", "raw_reply", "status",
+                  "error", "r_u"]
+
+
+@dataclass
+class ValidateResult:
+    path: Path
+    skipped: bool
+    summary: dict[str, Any]
+
+
+def hidden_and_prefix(original: np.ndarray, pseudo: np.ndarray, validation_item: int,
+                      hide: str) -> tuple[int, np.ndarray]:
+    """The item to hide and the augmented prefix the forward model reads."""
+    if hide == "validation_LEAKS_LABEL":
+        return int(validation_item), np.concatenate([pseudo, original])
+    return int(original[-1]), np.concatenate([pseudo, original[:-1]])
+
+
+class ARVPrompter:
+    def __init__(self, texts: Any, prompt_history: int) -> None:
+        import ray
+
+        self.texts = ray.get(texts) if isinstance(texts, ray.ObjectRef) else texts
+        self.prompt_history = prompt_history
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        reqs = []
+        for user, prefix, cands in zip(batch["user_id"], batch["inputs"], batch["topk"], strict=True):
+            cands = [int(c) for c in cands if c > 0]
+            titles = [self.texts[i] for i in np.asarray(prefix)[-self.prompt_history:]]
+            msgs = validation_messages(titles, [self.texts[c] for c in cands])
+            reqs.append(request_row(f"arv-{int(user)}", msgs, choices=validation_choices(len(cands))))
+        out = dict(batch)
+        out["arv_candidates"] = [np.asarray([c for c in t if c > 0], dtype=np.int64) for t in batch["topk"]]
+        for key in ("request_id", "messages", "guided_json", "guided_choice"):
+            out[key] = [r[key] for r in reqs]
+        return out
+
+
+def parse_choice(reply: str, candidates: np.ndarray) -> tuple[int, str, str]:
+    """(picked item or 0, status, error) from a one-number answer."""
+    text = reply.strip().strip(".").strip()
+    if not text:
+        return 0, "empty", "empty reply"
+    if not text.isdigit():
+        return 0, "malformed", f"expected a candidate number, got {text[:40]!r}"
+    num = int(text)
+    if not 1 <= num <= len(candidates):
+        return 0, "malformed", f"candidate {num} does not exist (1..{len(candidates)})"
+    return int(candidates[num - 1]), "ok", ""
+
+
+class ReliabilityScorer:
+    """Parse the pick and score it against the hidden item with the FAISS actors."""
+
+    def __init__(self, faiss_handles: list[Any]) -> None:
+        self.faiss = faiss_handles
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import ray
+
+        n = len(batch["user_id"])
+        picked = np.zeros(n, dtype=np.int64)
+        status, errors = [], []
+        for i in range(n):
+            if str(batch["status"][i]) == "error":
+                status.append("error")
+                errors.append(str(batch["error"][i]))
+                continue
+            item, st, err = parse_choice(str(batch["reply"][i]), np.asarray(batch["arv_candidates"][i]))
+            if str(batch["status"][i]) == "truncated" and st != "ok":
+                st = "truncated"
+            picked[i] = item
+            status.append(st)
+            errors.append(err)
+        hidden = np.asarray(batch["hidden_item"], dtype=np.int64)
+        r = np.zeros(n, dtype=np.float64)
+        valid = picked > 0
+        if valid.any():
+            sims = ray.get(random.choice(self.faiss).cosine.remote(picked[valid], hidden[valid]))
+            r[valid] = np.clip(np.asarray(sims, dtype=np.float64), 0.0, 1.0)
+        return {"user_id": batch["user_id"], "hidden_item": hidden,
+                "arv_candidates": batch["arv_candidates"], "picked_item": picked,
+                "raw_reply": batch["reply"], "status": status, "error": errors, "r_u": r}
+
+
+def _skipped_rows(rows: pa.Table) -> pa.Table:
+    n = rows.num_rows
+    return pa.table({
+        "user_id": rows.column("user_id"), "hidden_item": rows.column("hidden_item"),
+        "arv_candidates": pa.array([[]] * n, pa.list_(pa.int64())),
+        "picked_item": pa.array([0] * n, pa.int64()), "raw_reply": pa.array([""] * n, pa.string()),
+        "status": pa.array(["empty"] * n, pa.string()),
+        "error": pa.array(["no candidates to choose from"] * n, pa.string()),
+        "r_u": pa.array([0.0] * n, pa.float64()),
+    })
+
+
+def _forward_model(cfg: Config) -> Path:
+    from llmser_ray.pretrain import plain_config
+    from llmser_ray.training import default_name, model_dir
+
+    folder = model_dir(cfg, default_name(plain_config(cfg, reverse=False)))
+    if read_manifest(folder) is None:
+        raise StageError(f"no forward-trained model in {folder}",
+                         "run `llmser-ray pretrain` with the same --workdir and config first")
+    return folder
+
+
+def validate(cfg: Config, force: bool = False) -> ValidateResult:
+    import ray
+
+    from llmser_ray.augment.scoring import TopKScorer
+    from llmser_ray.llm import generate
+    from llmser_ray.ray_utils import init_ray, iter_plain_batches, quiet_ray_data
+    from llmser_ray.text.embed import embed_items, load_item_vectors
+    from llmser_ray.text.faiss_index import FaissPool
+
+    ds = load_dataset(cfg.workdir_path / "dataset")
+    aug_dir = cfg.workdir_path / "augmented"
+    aug_manifest = read_manifest(aug_dir)
+    if aug_manifest is None:
+        raise StageError(f"no augmented dataset in {aug_dir}", "run `llmser-ray augment` first")
+    forward = _forward_model(cfg)
+    emb = embed_items(cfg)
+    a = cfg.augment
+    arv_cfg = {k: getattr(a, k) for k in ("hide", "arv_candidates", "prompt_history")}
+    digest = _digest({"augmented": aug_manifest.get("config_digest"), "arv": arv_cfg,
+                      "llm": llm_identity(cfg), "forward": (read_manifest(forward) or {}).get("run_key"),
+                      "embeddings": (read_manifest(emb.path) or {}).get("config_digest"),
+                      "v": SCHEMA_VERSION})
+    out = cfg.workdir_path / "reliability"
+    done = read_manifest(out)
+    if done and done.get("config_digest") == digest and not force:
+        import json
+
+        return ValidateResult(out, True, json.loads((out / "summary.json").read_text()))
+
+    t0 = time.perf_counter()
+    aug = pq.read_table(aug_dir / "augmented.parquet")
+    users = aug.column("user_id").to_numpy()
+    pseudo = [np.asarray(p, dtype=np.int64) for p in split_list_column(aug.column("pseudo_items"))]
+    original = [ds.sequences[u - 1][:-2] for u in users]
+    todo = np.array([len(p) > 0 for p in pseudo])
+    hidden, prefixes = [], []
+    for u, o, p in zip(users, original, pseudo, strict=True):
+        h, pre = hidden_and_prefix(o, p, ds.sequences[u - 1][-2], a.hide)
+        hidden.append(h)
+        prefixes.append(pre)
+    rows = pa.table({
+        "user_id": pa.array(users[todo], pa.int64()),
+        "hidden_item": pa.array(np.asarray(hidden, dtype=np.int64)[todo], pa.int64()),
+        "inputs": pa.array([prefixes[i].tolist() for i in np.flatnonzero(todo)], pa.list_(pa.int64())),
+        "exclude": pa.array([prefixes[i].tolist() for i in np.flatnonzero(todo)], pa.list_(pa.int64())),
+    })
+    writer = ShardWriter(cfg.workdir_path / ".partial" / f"validate-{digest}",
+                         rows.column("user_id").to_numpy(), a.shard_size)
+    pending = rows.filter(pa.array(writer.pending_mask()))
+    if pending.num_rows:
+        init_ray(cfg.ray)
+        quiet_ray_data()
+        texts = ray.put(ds.item_text)
+        pool = FaissPool(load_item_vectors(emb.path), cfg.faiss)
+        blocks = max(1, min(pending.num_rows // max(cfg.llm.batch_size, 1) + 1, 64))
+        scored = ray.data.from_arrow(pending).repartition(blocks).map_batches(
+            TopKScorer, fn_constructor_kwargs={"model_dir": str(forward), "k": a.arv_candidates},
+            compute=ray.data.ActorPoolStrategy(size=a.scorer_actors), num_cpus=a.scorer_cpus,
+            num_gpus=a.scorer_gpus or None, batch_size=a.scorer_batch_size)
+        # A prefix with no eligible candidate (tiny catalogues) is answered without the LLM.
+        scored = scored.filter(lambda row: bool((np.asarray(row["topk"]) > 0).any()))
+        requests = scored.map_batches(
+            ARVPrompter, fn_constructor_kwargs={"texts": texts, "prompt_history": a.prompt_history},
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1, batch_size=256)
+        replies = generate(requests, cfg.llm, cache_dir=cfg.workdir_path / "llm_cache")
+        judged = replies.map_batches(
+            ReliabilityScorer, fn_constructor_kwargs={"faiss_handles": pool.handles},
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1, batch_size=a.scorer_batch_size)
+        arrived: set[int] = set()
+        for batch in iter_plain_batches(judged.select_columns(STREAM_COLUMNS)):
+            arrived.update(batch.column("user_id").to_pylist())
+            writer.add(batch)
+        pool.shutdown()
+        # Users filtered out for lack of candidates never arrive: close their shards as "empty".
+        ids = pending.column("user_id").to_numpy()
+        missing = ~np.isin(ids, np.fromiter(arrived, dtype=np.int64, count=len(arrived)))
+        writer.add(_skipped_rows(pending.filter(pa.array(missing))))
+    streamed = writer.assemble()
+    if not writer.complete or (streamed is not None and streamed.num_rows != rows.num_rows):
+        raise StageError(f"validation finished {len(writer.done)}/{writer.n_shards} shards",
+                         "rerun the same command: finished shards are kept and reused")
+    table = _assemble(cfg, ds, aug, users, original, pseudo, hidden, streamed)
+    summary = summarise(table, time.perf_counter() - t0, pending.num_rows)
+    with atomic_dir(out) as tmp:
+        pq.write_table(table, tmp / "reliability.parquet")
+        write_json(tmp / "summary.json", summary)
+        write_json(tmp / "manifest.json", {**manifest_header("validate", SCHEMA_VERSION),
+                                           "config_digest": digest, "config": arv_cfg,
+                                           "llm": llm_identity(cfg), "counts": {"users": table.num_rows}})
+    writer.cleanup()
+    return ValidateResult(out, False, summary)
+
+
+def _assemble(cfg: Config, ds: Any, aug: pa.Table, users: np.ndarray, original: list[np.ndarray],
+              pseudo: list[np.ndarray], hidden: list[int], streamed: pa.Table | None) -> pa.Table:
+    """One row per augmented user; users without pseudo items get r_u = 0 and status 'skipped'."""
+    by_user: dict[int, dict[str, Any]] = {}
+    if streamed is not None:
+        for row in streamed.to_pylist():
+            by_user[int(row["user_id"])] = row
+    train_len = np.array([len(o) for o in original], dtype=np.int64)
+    r = np.array([float(by_user.get(int(u), {}).get("r_u") or 0.0) for u in users])
+    w = decay_weights(r, train_len, cfg.dual.decay, cfg.dual.beta, cfg.decay_threshold)
+
+    def col(name: str, default: Any) -> list[Any]:
+        return [by_user.get(int(u), {}).get(name, default) for u in users]
+
+    return pa.table({
+        "user_id": pa.array(users, pa.int64()),
+        "original": pa.array([o.tolist() for o in original], pa.list_(pa.int64())),
+        "pseudo_items": pa.array([p.tolist() for p in pseudo], pa.list_(pa.int64())),
+        "candidates": aug.column("candidates").cast(pa.list_(pa.int64())),
+        "hidden_item": pa.array(hidden, pa.int64()),
+        "arv_candidates": pa.array([list(c or []) for c in col("arv_candidates", [])], pa.list_(pa.int64())),
+        "picked_item": pa.array([int(x or 0) for x in col("picked_item", 0)], pa.int64()),
+        "raw_reply": pa.array([str(x or "") for x in col("raw_reply", "")], pa.string()),
+        "status": pa.array([str(x) for x in col("status", "skipped")], pa.string()),
+        "error": pa.array([str(x or "") for x in col("error", "")], pa.string()),
+        "r_u": pa.array(r, pa.float64()),
+        "w_u": pa.array(w, pa.float64()),
+        "train_len": pa.array(train_len, pa.int64()),
+    })
+
+
+def summarise(table: pa.Table, seconds: float, new_users: int) -> dict[str, Any]:
+    df = table.to_pandas()
+    r = df["r_u"].to_numpy()
+    return {
+        "users": len(df), "users_validated_now": new_users, "status": df["status"].value_counts().to_dict(),
+        "r_u": {"mean": float(r.mean()) if len(r) else 0.0,
+                **{f"q{int(q * 100)}": float(np.quantile(r, q)) if len(r) else 0.0
+                   for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
+                "share_zero": float((r == 0).mean()) if len(r) else 0.0},
+        "w_u_mean": float(df["w_u"].mean()) if len(df) else 0.0,
+        "hit_rate": float((df["picked_item"] == df["hidden_item"]).mean()) if len(df) else 0.0,
+        "seconds": seconds, "users_per_s": new_users / seconds if seconds > 0 else None,
+    }
