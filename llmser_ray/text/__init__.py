@@ -1,0 +1,1 @@
+"""Item text as vectors (the ``embed`` stage) and the FAISS actors that search them."""
