@@ -194,3 +194,27 @@ def test_sampled_negatives_are_uniform_over_unseen_items() -> None:
     assert counts[[0, 2, 5, 7]].sum() == 0
     share = counts[[1, 3, 4, 6, 8]] / neg.size
     assert np.abs(share - 0.2).max() < 0.02, share
+
+
+def test_nan_and_infinite_scores_match_a_naive_loop() -> None:
+    """NaN counts as -inf; ties (incl. -inf vs -inf and +inf vs +inf) are pessimistic."""
+    rng = np.random.default_rng(5)
+    users, num_items = 80, 25
+    table = rng.integers(0, 4, size=(users, num_items + 1)).astype(float)
+    special = rng.random(table.shape)
+    table[special < 0.1] = np.nan
+    table[(special >= 0.1) & (special < 0.15)] = -np.inf
+    table[(special >= 0.15) & (special < 0.2)] = np.inf
+    items = np.arange(1, num_items + 1)
+    inputs = [rng.choice(items, size=rng.integers(0, 8)) for _ in range(users)]
+    targets = rng.integers(1, num_items + 1, size=users)
+    clean = np.where(np.isnan(table), -np.inf, table)
+    for mask in (True, False):
+        fast = FixedScores(table).rank(inputs, targets, _cfg(batch_size=9, mask_history=mask))
+        naive = []
+        for u in range(users):
+            t = targets[u]
+            excluded = {0, int(t)} | (set(inputs[u].tolist()) if mask else set())
+            naive.append(sum(clean[u, i] >= clean[u, t] for i in range(num_items + 1)
+                             if i not in excluded))
+        assert fast.tolist() == naive

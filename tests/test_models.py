@@ -197,3 +197,31 @@ def test_build_model_and_safetensors_round_trip(tmp_path) -> None:
         clone.load_state_dict(load_file(str(path)))
         model.eval(), clone.eval()
         torch.testing.assert_close(model.score_all(SEQS), clone.score_all(SEQS))
+
+
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec", "gru4rec"])
+def test_length_buckets_give_the_unbucketed_results(name: str) -> None:
+    """``user_repr`` and ``loss`` run length buckets (``by_length``); the results must be those of
+    the whole batch at its full width, row for row, gradients included."""
+    model = _model(name, max_len=12, last_item_mask_prob=1.0).eval()  # deterministic Cloze
+    model.bucket_by_length = True  # GRU4Rec turns buckets off by default; they must still be exact
+    gen = torch.Generator().manual_seed(3)
+    lengths = [0, 1, 2, 3, 5, 8, 9, 13, 4, 1]
+    batch = torch.zeros(len(lengths), 14, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if n:
+            batch[row, -n:] = torch.randint(1, NUM_ITEMS + 1, (n,), generator=gen)
+    torch.testing.assert_close(model.user_repr(batch), model.last_state(batch))
+    bucketed = model.loss(batch, "ce", 1, None)
+    whole = model.sequence_loss(batch, "ce", 1, None)
+    torch.testing.assert_close(bucketed, whole)
+    grads = torch.autograd.grad(bucketed.sum(), model.item_emb.weight)[0]
+    torch.testing.assert_close(grads, torch.autograd.grad(whole.sum(), model.item_emb.weight)[0])
+
+
+def test_reference_sasrec_is_never_bucketed() -> None:
+    """The reference variant attends to padding, so its output depends on the width it is given."""
+    model = _model("sasrec", sasrec_variant="reference").eval()
+    assert not model.pad_invariant
+    seqs = torch.tensor([[0, 0, 0, 0, 3, 4], [1, 2, 3, 4, 5, 6]])
+    torch.testing.assert_close(model.user_repr(seqs), model.last_state(seqs))

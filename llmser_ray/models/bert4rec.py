@@ -54,7 +54,7 @@ class BERT4Rec(SeqRecModel):
             x = block(x, mask) * keep
         return self.head(self.ln_f(x))
 
-    def user_repr(self, seqs: torch.Tensor) -> torch.Tensor:
+    def last_state(self, seqs: torch.Tensor) -> torch.Tensor:
         """The output at a [MASK] appended after the last ``max_len - 1`` history items."""
         history = seqs[:, -(self.max_len - 1):]
         mask = torch.full_like(history[:, :1], self.mask_token)
@@ -78,8 +78,8 @@ class BERT4Rec(SeqRecModel):
         last[:, -1] = valid[:, -1]
         return torch.where(only_last, last, masked)
 
-    def loss(self, seqs: torch.Tensor, loss: LossName, num_negatives: int,
-             generator: torch.Generator | None) -> torch.Tensor:
+    def sequence_loss(self, seqs: torch.Tensor, loss: LossName, num_negatives: int,
+                      generator: torch.Generator | None) -> torch.Tensor:
         """Per-sequence mean loss over the Cloze-masked positions of the last ``max_len`` items."""
         seqs = seqs[:, -self.max_len:]
         masked = self.cloze_mask(seqs, generator)

@@ -106,6 +106,7 @@ class SASRec(SeqRecModel):
         # REFERENCE VARIANT (comparisons only): the LLMSeR reference code runs attention with no
         # mask at all (no causal mask, padded keys attended) and never applies its feed-forward.
         self.reference = cfg.sasrec_variant == "reference"
+        self.pad_invariant = not self.reference
         self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.drop = nn.Dropout(cfg.dropout)
