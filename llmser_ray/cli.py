@@ -210,3 +210,27 @@ def tune(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = No
         console.print(comparison_table(out.baseline, best, cfg.eval.metric,
                                        "test, full ranking: baseline vs best trial"))
     console.print(f"report: {out.report_dir / 'report.html'}")
+
+
+@app.command("serve")
+@_user_errors
+def serve_cmd(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
+              address: AddressOpt = None,
+              host: Annotated[str | None, typer.Option(
+                  help="Bind address of the HTTP proxy (default serve.host, 127.0.0.1).")] = None,
+              port: Annotated[int | None, typer.Option(help="HTTP port (default serve.port, 8000).")] = None,
+              model: Annotated[str | None, typer.Option(
+                  help="Model folder under <workdir>/models (default: <backbone>-llmser, else "
+                       "<backbone>).")] = None,
+              blocking: Annotated[bool, typer.Option(
+                  "--blocking/--no-blocking",
+                  help="Serve until Ctrl-C (default), or return once deployed (needs --address).")] = True
+              ) -> None:
+    """Deploy the trained recommender with Ray Serve: POST /recommend, docs at /docs."""
+    from llmser_ray.serving import serve as run_serve
+
+    extra = [*(set_ or []), *([f"serve.host={host}"] if host else []),
+             *([f"serve.port={port}"] if port is not None else []),
+             *([f"serve.model={model}"] if model else [])]
+    cfg = _config(config, extra, workdir, address)
+    run_serve(cfg, blocking=blocking)
