@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml scripts/install_llm_cpu.sh
 install: $(STAMP)
 
 quickstart: install
-	$(VENV)/bin/llmser-ray run --config tune_configs/quickstart.yaml
+	$(VENV)/bin/llmser-ray tune --config tune_configs/quickstart.yaml
 
 lint: install
 	$(VENV)/bin/ruff check llmser_ray tests bench

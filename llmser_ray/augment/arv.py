@@ -278,5 +278,16 @@ def summarise(table: pa.Table, seconds: float, new_users: int) -> dict[str, Any]
                 "share_zero": float((r == 0).mean()) if len(r) else 0.0},
         "w_u_mean": float(df["w_u"].mean()) if len(df) else 0.0,
         "hit_rate": float((df["picked_item"] == df["hidden_item"]).mean()) if len(df) else 0.0,
+        # How concentrated the picks are on one position of the candidate list: near 1.0 means the
+        # LLM answers by position, not by content, and r_u measures the recommender, not the LLM.
+        "top_position_share": _top_position_share(df),
         "seconds": seconds, "users_per_s": new_users / seconds if seconds > 0 else None,
     }
+
+
+def _top_position_share(df: Any) -> float:
+    positions = [list(c).index(p) for p, c in zip(df["picked_item"], df["arv_candidates"], strict=True)
+                 if p and p in list(c)]
+    if not positions:
+        return 0.0
+    return float(np.bincount(positions).max() / len(positions))

@@ -185,6 +185,12 @@ class SIAGrounder:
 # ----------------------------------------------------------------------------- the stage
 
 
+def positional(pseudo: Any, candidates: Any) -> bool:
+    """True when the selection is exactly the first ``len(pseudo)`` candidates, in order."""
+    p, c = list(pseudo), list(candidates)
+    return len(p) > 1 and p == c[: len(p)]
+
+
 def summarise(table: pa.Table, seconds: float, new_users: int, reused_shards: int) -> dict[str, Any]:
     df = table.to_pandas()
     n_lines = int(df["n_lines"].sum())
@@ -195,6 +201,11 @@ def summarise(table: pa.Table, seconds: float, new_users: int, reused_shards: in
         "hallucination_rate": float(df["n_unmapped"].sum() / n_lines) if n_lines else 0.0,
         "duplicate_rate": float(df["n_duplicates"].sum() / n_lines) if n_lines else 0.0,
         "answer_entries": n_lines, "status": df["status"].value_counts().to_dict(),
+        # Replies that just list the first candidates in the order shown: the LLM added nothing
+        # beyond the candidate generator's ranking (small models do this under constraints).
+        "positional_rate": float(np.mean([positional(p, c) for p, c in
+                                          zip(df["pseudo_items"], df["candidates"], strict=True)]))
+                           if len(df) else 0.0,
         "prompt_tokens": int(df["prompt_tokens"].sum()),
         "completion_tokens": int(df["completion_tokens"].sum()),
         "seconds": seconds, "users_processed_now": new_users, "reused_shards": reused_shards,

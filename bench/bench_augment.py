@@ -1,0 +1,113 @@
+"""SIA and ARV on Amazon Beauty with the default local LLM: hallucination rate with and without
+constrained decoding, and users/s of each stage on this machine (issue 4, item 7).
+
+Steps, all through the real stages (Ray Data, the vLLM-CPU engine pool, FAISS actors):
+1. ``pretrain``: the forward and reverse SASRec on full Beauty (capped at ``--pretrain-epochs``:
+   the candidate quality hardly changes what is measured here, and 200 epochs take hours on CPU);
+2. ``augment`` (SIA) for a seeded sample of ``--users`` long-tail users, once per grounding mode:
+   ``constrained`` (vLLM structured outputs: a JSON list of candidate numbers) and ``lines``
+   (free text, one title per line, grounded by embedding nearest neighbour above
+   ``augment.min_similarity``); optionally the reference's ``whole_response`` matching;
+3. ``validate`` (ARV) on the constrained augmentation.
+
+Every timed stage runs with ``force`` and the LLM reply cache off, so a rerun measures again
+instead of reading cached replies. Tokens per user are printed too: they are what the GPU
+projection in docs/AUGMENTATION.md scales.
+
+    .venv/bin/python bench/bench_augment.py --users 400 --out docs/bench_augment.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def config(args: argparse.Namespace, extra: list[str]) -> Any:
+    from llmser_ray.config import load_config
+
+    return load_config(None, [
+        f"workdir={Path(args.workdir).resolve()}", "data.source=s3rec",
+        f"data.path={args.data / 'Beauty.txt'}", f"data.item_path={args.data / 'items.jsonl'}",
+        "data.tail_user_threshold=9", "model.max_len=50", f"train.epochs={args.pretrain_epochs}",
+        "train.torch_threads=1", f"augment.max_users={args.users}", "augment.seed=0",
+        "llm.cache=false", *extra])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", default="runs/bench-augment")
+    ap.add_argument("--data", type=Path, default=BEAUTY)
+    ap.add_argument("--users", type=int, default=400, help="seeded sample of tail users")
+    ap.add_argument("--pretrain-epochs", type=int, default=15)
+    ap.add_argument("--modes", default="constrained,lines",
+                    help="grounding modes to compare (constrained, lines, whole_response)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    args = ap.parse_args()
+
+    from llmser_ray.augment.arv import validate
+    from llmser_ray.augment.sia import augment
+    from llmser_ray.data.prepare import prepare
+    from llmser_ray.pretrain import pretrain
+
+    base = config(args, [])
+    print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, "
+          f"Python {platform.python_version()}; LLM {base.llm.model} ({base.llm.backend}), "
+          f"{args.users} sampled tail users")
+    t0 = time.perf_counter()
+    counts = prepare(base).counts
+    pre = pretrain(base)
+    print(f"prepare + pretrain (cached after the first run): {time.perf_counter() - t0:.0f} s; "
+          f"forward test ndcg@10 {pre.forward.test['full']['overall']['ndcg@10']:.4f}; load {load()}")
+
+    figures: dict[str, Any] = {"users_sampled": args.users, "dataset": counts, "llm": base.llm.model,
+                               "pretrain_epochs": args.pretrain_epochs, "sia": {}, "arv": None}
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        cfg = config(args, [f"augment.grounding={mode}"])
+        before = load()
+        res = augment(cfg, force=True)
+        s = res.summary
+        n = max(int(s["users_processed_now"]), 1)
+        row = {"users": s["users"], "users_per_s": s["users_per_s"] if "users_per_s" in s
+               else n / s["seconds"], "seconds": s["seconds"],
+               "hallucination_rate": s["hallucination_rate"], "duplicate_rate": s["duplicate_rate"],
+               "positional_rate": s["positional_rate"], "status": s["status"],
+               "mean_pseudo_len": s.get("mean_pseudo_len"),
+               "prompt_tokens_per_user": s["prompt_tokens"] / n,
+               "completion_tokens_per_user": s["completion_tokens"] / n,
+               "load_before": before, "load_after": load()}
+        figures["sia"][mode] = row
+        print(f"SIA {mode:>14}: {row['users_per_s']:.2f} users/s ({s['seconds']:.0f} s), hallucination "
+              f"{row['hallucination_rate']:.3f}, duplicates {row['duplicate_rate']:.3f}, positional "
+              f"{row['positional_rate']:.2f}, tokens/user {row['prompt_tokens_per_user']:.0f} in + "
+              f"{row['completion_tokens_per_user']:.0f} out; status {row['status']}; "
+              f"load {before} -> {load()}")
+        if mode == "constrained":
+            before = load()
+            v = validate(cfg, force=True).summary
+            arv = {k: v.get(k) for k in ("users", "users_per_s", "seconds", "r_u", "w_u_mean", "hit_rate",
+                                         "top_position_share", "status")}
+            arv.update(load_before=before, load_after=load())
+            figures["arv"] = arv
+            print(f"ARV (constrained): {arv['users_per_s']:.2f} users/s ({arv['seconds']:.0f} s), "
+                  f"r_u {arv['r_u']}, hit rate {arv['hit_rate']:.3f}, "
+                  f"top-position share {arv['top_position_share']:.2f}; "
+                  f"load {before} -> {load()}")
+    if args.out:
+        args.out.write_text(json.dumps(figures, indent=2, default=str) + "\n")
+        print(f"figures: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

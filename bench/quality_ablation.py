@@ -1,0 +1,162 @@
+"""Issue 5's ablation on full Amazon Beauty with SASRec: baseline vs candidates-only augmentation
+(no LLM) vs LLMSeR (SIA + ARV + dual-channel), per seed, full ranking and 100 negatives.
+
+The upstream stages run ONCE (seed ``--upstream-seed``): forward and reverse pretraining, the
+collaborative candidates, SIA with the configured LLM and ARV. Each seed then trains three
+models on that same augmentation, so the spread over seeds is the training noise, not the
+LLM's: ``sasrec-s<seed>`` (plain, the baseline), ``sasrec-candidates-s<seed>`` (dual-channel
+with the top-N collaborative candidates, constant weight) and ``sasrec-llmser-s<seed>``
+(dual-channel with the LLM's pseudo items weighted by ARV's w_u).
+
+Resumable like every stage: a finished model is skipped, an interrupted one resumes from its
+last checkpoint; the tables (``<workdir>/ablation.json`` and ``ablation.md``) are rewritten
+after every model, so they always show what has finished.
+
+    nohup .venv/bin/python bench/quality_ablation.py > runs/ablation.log 2>&1 &
+    .venv/bin/python bench/quality_ablation.py --aggregate-only
+    # a budget on two cores: a sample of the tail users gets LLM augmentation, fewer epochs
+    .venv/bin/python bench/quality_ablation.py --max-users 2000 --epochs 60 --patience 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
+VARIANTS = ("baseline", "candidates", "llmser")
+GROUPS = ("overall", "tail_user", "head_user", "tail_item", "head_item")
+HEADLINE = ("ndcg@10", "hr@10")
+
+
+def log(text: str) -> None:
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    sys.stdout.write(f"[ablation {time.strftime('%H:%M:%S')} load {load}] {text}\n")
+    sys.stdout.flush()
+
+
+def config(args: argparse.Namespace, seed: int, extra: list[str] | None = None) -> Any:
+    from llmser_ray.config import load_config
+
+    return load_config(None, [
+        f"workdir={Path(args.workdir).resolve()}", "data.source=s3rec",
+        f"data.path={args.data / 'Beauty.txt'}", f"data.item_path={args.data / 'items.jsonl'}",
+        "data.tail_user_threshold=9", "model.backbone=sasrec", f"model.max_len={args.max_len}",
+        f"train.epochs={args.epochs}", f"train.patience={args.patience}", f"train.seed={seed}",
+        "train.torch_threads=1", f"dual.num_pseudo={args.num_pseudo}", f"dual.beta={args.beta}",
+        *([f"augment.max_users={args.max_users}"] if args.max_users else []), *(extra or [])])
+
+
+def run_variant(args: argparse.Namespace, seed: int, variant: str) -> dict[str, Any]:
+    from llmser_ray.pretrain import plain_config
+    from llmser_ray.training import train
+
+    if variant == "baseline":
+        cfg = plain_config(config(args, seed), reverse=False)
+        return train(cfg, name=f"sasrec-s{seed}").test
+    source = "llm" if variant == "llmser" else "candidates"
+    cfg = config(args, seed, ["dual.enabled=true", f"dual.pseudo_source={source}"])
+    return train(cfg, name=f"sasrec-{variant}-s{seed}").test
+
+
+def aggregate(args: argparse.Namespace, results: dict[str, dict[str, Any]], extra: dict[str, Any]) -> None:
+    """Mean and sample std over finished seeds; the change of each variant against the baseline."""
+    out: dict[str, Any] = {"settings": vars(args) | {"data": str(args.data)}, "upstream": extra,
+                           "runs": results, "mean": {}}
+    lines = [f"# Ablation on Amazon Beauty, SASRec (max_len {args.max_len}, epochs <= {args.epochs}, "
+             f"patience {args.patience}, N = {args.num_pseudo}, beta = {args.beta}, "
+             f"LLM-augmented tail users: {args.max_users or 'all'})", ""]
+    for protocol in ("full", "sampled"):
+        lines += [f"## {protocol} ranking" if protocol == "full" else "## 1 positive + 100 sampled negatives",
+                  "", "| variant | seeds | "
+                  + " | ".join(f"{g} {m}" for g in GROUPS[:4] for m in HEADLINE) + " |",
+                  "|---|---|" + "---|" * (len(GROUPS[:4]) * len(HEADLINE))]
+        for v in VARIANTS:
+            runs = [r[protocol] for k, r in results.items() if k.startswith(v + "-")]
+            if not runs:
+                continue
+            cells = []
+            for g in GROUPS[:4]:
+                for m in HEADLINE:
+                    vals = [r[g][m] for r in runs]
+                    mean = statistics.fmean(vals)
+                    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                    out["mean"].setdefault(protocol, {}).setdefault(v, {}).setdefault(g, {})[m] = [mean, sd]
+                    base = out["mean"].get(protocol, {}).get("baseline", {}).get(g, {}).get(m)
+                    rel = (f" ({(mean - base[0]) / base[0] * 100:+.1f}%)"
+                           if base and v != "baseline" and base[0] else "")
+                    cells.append(f"{mean:.4f} ± {sd:.4f}{rel}")
+            lines.append(f"| {v} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    wd = Path(args.workdir)
+    (wd / "ablation.json").write_text(json.dumps(out, indent=2) + "\n")
+    (wd / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", default="runs/ablation-beauty")
+    ap.add_argument("--data", type=Path, default=BEAUTY)
+    ap.add_argument("--seeds", default="42,43,44")
+    ap.add_argument("--upstream-seed", type=int, default=42)
+    ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument("--patience", type=int, default=20)
+    ap.add_argument("--max-len", type=int, default=50)
+    ap.add_argument("--num-pseudo", type=int, default=12)
+    ap.add_argument("--beta", type=float, default=0.5)
+    ap.add_argument("--max-users", type=int, default=None,
+                    help="LLM-augment a seeded sample of this many tail users (default: all)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--aggregate-only", action="store_true")
+    args = ap.parse_args()
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+
+    from llmser_ray.training import model_dir
+
+    results: dict[str, Any] = {}
+    upstream_info: dict[str, Any] = {}
+
+    def collect() -> None:
+        for s in seeds:
+            for v in VARIANTS:
+                name = f"sasrec-s{s}" if v == "baseline" else f"sasrec-{v}-s{s}"
+                m = model_dir(config(args, s), name) / "metrics.json"
+                if (model_dir(config(args, s), name) / "manifest.json").is_file() and m.is_file():
+                    results[f"{v}-s{s}"] = json.loads(m.read_text())["test"]
+
+    if not args.aggregate_only:
+        from llmser_ray.pipeline import upstream
+
+        t0 = time.perf_counter()
+        log("upstream: prepare, pretrain (forward + reverse), candidates, SIA, ARV")
+        up = upstream(config(args, args.upstream_seed, ["dual.pseudo_source=llm"]))
+        upstream_info = {"augment": up.get("augment"), "validate": up.get("validate"),
+                         "seconds": time.perf_counter() - t0}
+        (Path(args.workdir) / "upstream.json").write_text(json.dumps(upstream_info, indent=2, default=str))
+        log(f"upstream done in {upstream_info['seconds']:.0f} s")
+        for s in seeds:
+            for v in variants:
+                t0 = time.perf_counter()
+                log(f"seed {s}: {v}")
+                run_variant(args, s, v)
+                log(f"seed {s}: {v} done in {time.perf_counter() - t0:.0f} s")
+                collect()
+                aggregate(args, results, upstream_info)
+    up_file = Path(args.workdir) / "upstream.json"
+    if up_file.is_file():
+        upstream_info = json.loads(up_file.read_text())
+    collect()
+    aggregate(args, results, upstream_info)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""SIA and ARV end to end with the real vLLM engine (SmolLM2-135M on CPU), FAISS and Ray Data.
+
+Small inputs (a synthetic catalogue, a dozen users) keep each engine start the dominant cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from llmser_ray.augment.arv import validate
+from llmser_ray.augment.sia import augment
+from llmser_ray.augment.weights import decay_weights
+from llmser_ray.config import load_config
+from llmser_ray.data.prepare import prepare
+from llmser_ray.pretrain import pretrain
+
+# Each test starts one or two vLLM engines (20-30 s each on a quiet 2-core machine).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+SMALL = ["data.source=synthetic", "data.synthetic.n_users=300", "data.synthetic.n_items=120",
+         "data.tail_user_threshold=5", "model.hidden=16", "model.max_len=20", "model.layers=1",
+         "train.epochs=3", "train.torch_threads=1", "ray.num_cpus=4", "ray.include_dashboard=false",
+         "augment.max_users=12", "augment.shard_size=4", "augment.num_candidates=10",
+         "augment.ask_items=5", "dual.num_pseudo=5", "llm.max_tokens=40", "llm.batch_size=16"]
+
+
+def _cfg(workdir: Path, *extra: str):
+    return load_config(None, [f"workdir={workdir}", *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, ray_local) -> Path:
+    wd = tmp_path_factory.mktemp("aug")
+    cfg = _cfg(wd)
+    prepare(cfg)
+    pretrain(cfg)
+    return wd
+
+
+def test_constrained_sia_and_arv(workdir: Path) -> None:
+    cfg = _cfg(workdir)
+    res = augment(cfg)
+    table = pq.read_table(res.path / "augmented.parquet").to_pandas()
+    assert len(table) == 12 and table["user_id"].is_monotonic_increasing
+    assert res.summary["users"] == 12
+    assert set(res.summary["status"]) <= {"ok", "truncated", "malformed", "empty"}
+    for row in table.itertuples():
+        chosen = list(row.pseudo_items)
+        assert len(chosen) == len(set(chosen)) <= 5
+        assert set(chosen) <= set(row.candidates)  # grounded to real candidate ids
+        assert not set(chosen) & set(row.history)  # history excluded by the candidate generator
+        assert row.n_lines == row.n_mapped + row.n_unmapped + row.n_duplicates
+        assert row.raw_reply or row.status in ("empty", "error")
+    val = validate(cfg)
+    rel = pq.read_table(val.path / "reliability.parquet").to_pandas()
+    assert list(rel["user_id"]) == list(table["user_id"])
+    assert ((rel["r_u"] >= 0) & (rel["r_u"] <= 1)).all()
+    want = decay_weights(rel["r_u"].to_numpy(), rel["train_len"].to_numpy(), "step", 0.5, 5)
+    np.testing.assert_allclose(rel["w_u"], want)
+    for row in rel.itertuples():
+        assert row.hidden_item == row.original[-1]  # the last TRAINING item, not the validation label
+        if row.picked_item:
+            assert row.picked_item in set(row.arv_candidates)
+    assert 0 <= val.summary["top_position_share"] <= 1
+    # Rerunning with the same config is a no-op for both stages.
+    assert augment(cfg).skipped and validate(cfg).skipped
+
+
+def test_free_text_lines_are_grounded_and_hallucinations_counted(workdir: Path) -> None:
+    cfg = _cfg(workdir, "augment.grounding=lines", "llm.max_tokens=80")
+    res = augment(cfg)
+    table = pq.read_table(res.path / "augmented.parquet").to_pandas()
+    s = res.summary
+    assert s["answer_entries"] == int(table["n_lines"].sum()) > 0
+    assert s["hallucination_rate"] == pytest.approx(table["n_unmapped"].sum() / table["n_lines"].sum())
+    for row in table.itertuples():
+        assert set(row.pseudo_items) <= set(row.candidates)
+        if row.status == "ok":
+            assert row.n_mapped > 0
+
+
+def test_truncated_replies_are_recorded_not_trusted(workdir: Path) -> None:
+    cfg = _cfg(workdir, "llm.max_tokens=3")  # "[1," at most: every reply is cut
+    res = augment(cfg)
+    table = pq.read_table(res.path / "augmented.parquet").to_pandas()
+    assert (table["status"] != "ok").all()
+    assert set(table["status"]) <= {"truncated", "malformed", "empty"}
+    for row in table.itertuples():  # at most the entries completed before the cut
+        assert set(row.pseudo_items) <= set(row.candidates) and len(row.pseudo_items) <= 1
+
+
+def test_degenerate_users_without_candidates(tmp_path: Path, ray_local) -> None:
+    # User 1's training part (1 2 3 4) is the whole catalogue and history is excluded from the
+    # candidates, so nothing is left to choose from: no LLM call, an "empty" row, nobody lost.
+    seqs = tmp_path / "s.txt"
+    seqs.write_text("1 1 2 3 4 1 2\n2 1 2 3\n3 2 3 4\n4 3 4 1\n")
+    cfg = load_config(None, [f"workdir={tmp_path}", "data.source=s3rec", f"data.path={seqs}",
+                             "data.tail_user_threshold=10", "augment.users=all", "augment.num_candidates=3",
+                             "augment.ask_items=2", "dual.num_pseudo=2", "model.hidden=8", "model.max_len=8",
+                             "train.epochs=1", "ray.include_dashboard=false", "llm.max_tokens=16"])
+    prepare(cfg)
+    pretrain(cfg)
+    res = augment(cfg)
+    table = pq.read_table(res.path / "augmented.parquet").to_pandas().set_index("user_id")
+    assert len(table.loc[1, "candidates"]) == 0
+    assert table.loc[1, "status"] == "empty" and "no candidates" in table.loc[1, "error"]
+    assert len(table) == 4  # nobody lost
+
+
+def test_interrupted_augment_resumes_without_losing_or_redoing_users(workdir: Path, tmp_path: Path) -> None:
+    # One user per shard and per LLM call: 12 shards land one by one, so the kill falls mid-run
+    # even on an idle machine where the whole stage takes seconds once the engine is up.
+    sets = [f"workdir={workdir}", *SMALL, "augment.shard_size=1", "augment.seed=7", "llm.batch_size=1"]
+    cmd = [sys.executable, "-m", "llmser_ray", "augment", "--skip-validate"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    partial = workdir / ".partial"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(partial.glob("augment-*/shard-*.parquet"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    done_before = len(list(partial.glob("augment-*/shard-*.parquet")))
+    assert done_before >= 2
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    summary = json.loads((workdir / "augmented" / "summary.json").read_text())
+    assert summary["reused_shards"] >= done_before
+    assert summary["users_processed_now"] <= 12 - done_before
+    table = pq.read_table(workdir / "augmented" / "augmented.parquet").to_pandas()
+    assert len(table) == 12 and table["user_id"].is_unique
+    assert not list(partial.glob("augment-*"))  # cleaned up after success

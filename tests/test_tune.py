@@ -1,0 +1,104 @@
+"""Tune wiring: search-space guards, a real search on a Beauty subset, restore after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmser_ray.config import load_config
+from llmser_ray.errors import ConfigError
+from llmser_ray.tuning import check_search, experiment_name, trial_config
+
+BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
+
+
+def test_search_guards() -> None:
+    ok = load_config(None, ['tune.search={"dual.num_pseudo": {"grid": [2, 12]}, '
+                            '"train.lr": {"loguniform": [1e-4, 1e-2]}}'])
+    check_search(ok)
+    too_many = load_config(None, ['tune.search={"dual.num_pseudo": {"grid": [4, 16]}}'])
+    with pytest.raises(ConfigError, match="augment.ask_items >= 16"):
+        check_search(too_many)
+    with pytest.raises(ConfigError, match="unknown key 'dual.bta'"):
+        check_search(load_config(None, ['tune.search={"dual.bta": {"grid": [0.1]}}']))
+    with pytest.raises(ConfigError, match="cached upstream stage"):
+        check_search(load_config(None, ['tune.search={"augment.num_candidates": {"grid": [10]}}']))
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_config(None, ['tune.search={"train.lr": {"grid": [0.1], "uniform": [0, 1]}}'])
+
+
+def test_trial_config_and_experiment_identity() -> None:
+    base = load_config(None, ['tune.search={"dual.num_pseudo": {"grid": [2, 4]}}'])
+    cfg = trial_config(base.model_dump(mode="json"), {"dual.num_pseudo": 4.0, "dual.beta": 0.2})
+    assert cfg.dual.enabled and cfg.dual.num_pseudo == 4 and cfg.dual.beta == 0.2
+    same = load_config(None, ['tune.search={"dual.num_pseudo": {"grid": [2, 4]}}',
+                              "tune.max_concurrent_trials=3"])
+    other = load_config(None, ['tune.search={"dual.num_pseudo": {"grid": [2, 5]}}'])
+    assert experiment_name(base) == experiment_name(same)  # resources are not identity
+    assert experiment_name(base) != experiment_name(other)
+
+
+def _subset(tmp: Path, users: int = 1500) -> Path:
+    lines = (BEAUTY / "Beauty.txt").read_text().splitlines()[:users]
+    path = tmp / "beauty_subset.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _sets(tmp: Path, data: Path) -> list[str]:
+    return [f"workdir={tmp / 'w'}", "data.source=s3rec", f"data.path={data}",
+            f"data.item_path={BEAUTY / 'items.jsonl'}", "model.hidden=16", "model.max_len=20",
+            "model.layers=1", "train.epochs=3", "train.torch_threads=1", "ray.num_cpus=4",
+            "ray.include_dashboard=false", "dual.pseudo_source=candidates", "augment.num_candidates=6",
+            "dual.num_pseudo=4",
+            "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
+            'tune.search={"dual.num_pseudo": {"grid": [2, 4]}, "dual.constant_weight": {"grid": [0.3, 0.6]}}']
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(not BEAUTY.is_dir(), reason="../shared/data is not present")
+def test_tune_runs_reports_and_restores_after_the_driver_dies(tmp_path: Path) -> None:
+    sets = _sets(tmp_path, _subset(tmp_path))
+    cmd = [sys.executable, "-m", "llmser_ray", "tune"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cfg = load_config(None, sets)
+    trials = cfg.workdir_path / "tune" / experiment_name(cfg) / "trials"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 900
+    # Interrupt once the first trial has finished (its model manifest is written last).
+    while time.time() < deadline and proc.poll() is None:
+        if list(trials.glob("*/manifest.json")):
+            break
+        time.sleep(1)
+    assert proc.poll() is None, "tune finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    finished = {p.parent.name for p in trials.glob("*/manifest.json")}
+    assert finished
+    mtimes = {t: (trials / t / "manifest.json").stat().st_mtime for t in finished}
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-3000:]
+    assert "[tune] restoring" in log
+    for t, m in mtimes.items():  # finished trials were not trained again
+        assert (trials / t / "manifest.json").stat().st_mtime == m
+    report = cfg.workdir_path / "tune" / experiment_name(cfg) / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    assert len(summary["trials"]) == 4
+    assert all(t["status"] == "completed" for t in summary["trials"])
+    assert all(t["test_tail_user_ndcg@10"] is not None for t in summary["trials"])
+    assert summary["baseline"]["tail_user"]["n"] > 0
+    assert (report / "report.html").is_file() and (report / "dual_num_pseudo.png").is_file()
+    assert (report / "groups.png").is_file()
