@@ -10,6 +10,10 @@ Steps, all through the real stages (Ray Data, the vLLM-CPU engine pool, FAISS ac
    ``augment.min_similarity``); optionally the reference's ``whole_response`` matching;
 3. ``validate`` (ARV) on the constrained augmentation.
 
+Constrained runs last, so the workdir ends with the method's default augmentation and its ARV
+weights: ``bench/quality_ablation.py`` with the same ``--workdir``, ``--epochs``, ``--max-users``
+reuses them (and the pretrained models) instead of asking the LLM again.
+
 Every timed stage runs with ``force`` and the LLM reply cache off, so a rerun measures again
 instead of reading cached replies. Tokens per user are printed too: they are what the GPU
 projection in docs/AUGMENTATION.md scales.
@@ -50,8 +54,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="runs/bench-augment")
     ap.add_argument("--data", type=Path, default=BEAUTY)
     ap.add_argument("--users", type=int, default=400, help="seeded sample of tail users")
-    ap.add_argument("--pretrain-epochs", type=int, default=15)
-    ap.add_argument("--modes", default="constrained,lines",
+    ap.add_argument("--pretrain-epochs", type=int, default=30)
+    ap.add_argument("--modes", default="lines,constrained",
                     help="grounding modes to compare (constrained, lines, whole_response)")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args()
