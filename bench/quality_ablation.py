@@ -53,16 +53,23 @@ def config(args: argparse.Namespace, seed: int, extra: list[str] | None = None) 
         *([f"augment.max_users={args.max_users}"] if args.max_users else []), *(extra or [])])
 
 
+def model_name(args: argparse.Namespace, seed: int, variant: str) -> str:
+    if variant == "baseline":
+        # The upstream seed's baseline IS the forward model pretraining trained (same config).
+        return "sasrec" if seed == args.upstream_seed else f"sasrec-s{seed}"
+    return f"sasrec-{variant}-s{seed}"
+
+
 def run_variant(args: argparse.Namespace, seed: int, variant: str) -> dict[str, Any]:
     from llmser_ray.pretrain import plain_config
     from llmser_ray.training import train
 
     if variant == "baseline":
         cfg = plain_config(config(args, seed), reverse=False)
-        return train(cfg, name=f"sasrec-s{seed}").test
-    source = "llm" if variant == "llmser" else "candidates"
-    cfg = config(args, seed, ["dual.enabled=true", f"dual.pseudo_source={source}"])
-    return train(cfg, name=f"sasrec-{variant}-s{seed}").test
+    else:
+        source = "llm" if variant == "llmser" else "candidates"
+        cfg = config(args, seed, ["dual.enabled=true", f"dual.pseudo_source={source}"])
+    return train(cfg, name=model_name(args, seed, variant)).test
 
 
 def aggregate(args: argparse.Namespace, results: dict[str, dict[str, Any]], extra: dict[str, Any]) -> None:
@@ -128,7 +135,7 @@ def main() -> None:
     def collect() -> None:
         for s in seeds:
             for v in VARIANTS:
-                name = f"sasrec-s{s}" if v == "baseline" else f"sasrec-{v}-s{s}"
+                name = model_name(args, s, v)
                 m = model_dir(config(args, s), name) / "metrics.json"
                 if (model_dir(config(args, s), name) / "manifest.json").is_file() and m.is_file():
                     results[f"{v}-s{s}"] = json.loads(m.read_text())["test"]

@@ -7,9 +7,14 @@ class LLMSeRError(Exception):
     """Base class for errors caused by the user's input, not by a bug."""
 
     def __init__(self, problem: str, fix: str) -> None:
-        super().__init__(f"{problem}. Fix: {fix}")
+        # Both arguments in ``args`` so that copy/pickle rebuild the error: Ray Tune copies a
+        # trial's exception, and Ray ships errors between processes.
+        super().__init__(problem, fix)
         self.problem = problem
         self.fix = fix
+
+    def __str__(self) -> str:
+        return f"{self.problem}. Fix: {self.fix}"
 
 
 class ConfigError(LLMSeRError):

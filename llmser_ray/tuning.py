@@ -66,6 +66,22 @@ def largest(spec: SearchSpec) -> float:
     return max(float(v) for v in values)
 
 
+def absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
+    """The config with its local paths absolute: Tune runs each trial in its own working folder,
+    where a relative ``workdir`` (the quickstart's ``runs/quickstart``) would name nothing."""
+    def fix(section: dict[str, Any], key: str) -> None:
+        value = section.get(key)
+        if isinstance(value, str) and value and "://" not in value:
+            section[key] = str(Path(value).expanduser().resolve())
+
+    fix(tree, "workdir")
+    for key in ("path", "item_path", "cache_dir"):
+        fix(tree["data"], key)
+    fix(tree["ray"], "storage_path")
+    fix(tree["llm"], "model_cache")
+    return tree
+
+
 def check_search(cfg: Config) -> None:
     """Reject searches that would need new LLM calls or name keys the config does not have."""
     base = cfg.model_dump(mode="json")
@@ -85,6 +101,15 @@ def check_search(cfg: Config) -> None:
                           f"for augment.ask_items={cfg.augment.ask_items}",
                           f"set augment.ask_items >= {math.ceil(largest(n))} "
                           "so one augmentation serves all trials")
+    t = cfg.dual.decay_threshold if cfg.dual.decay_threshold is not None else cfg.data.tail_user_threshold
+    if ("dual.beta" in cfg.tune.search and "dual.decay_threshold" not in cfg.tune.search
+            and cfg.augment.users == "tail" and t >= cfg.data.tail_user_threshold):
+        # beta only scales the weight of users longer than T; tail users are never longer.
+        raise ConfigError("tune.search varies dual.beta, which has no effect here: only tail users "
+                          f"(length <= {cfg.data.tail_user_threshold}) are augmented and beta applies "
+                          f"to users longer than T = {t}",
+                          "set augment.users=all (the decay then weighs down long histories), or "
+                          "search dual.decay_threshold below the tail threshold, or drop dual.beta")
     if n is not None and largest(n) > cfg.augment.num_candidates:
         raise ConfigError(f"tune.search asks for dual.num_pseudo up to {largest(n):g} but only "
                           f"augment.num_candidates={cfg.augment.num_candidates} candidates exist",
@@ -167,7 +192,7 @@ def tune(cfg: Config, fresh: bool = False) -> TuneOutcome:
     storage = ray_storage(cfg, "tune")
     path = f"{storage.rstrip('/')}/{name}"
     metric = f"valid_{cfg.eval.metric}"
-    base = cfg.model_dump(mode="json")
+    base = absolute_paths(cfg.model_dump(mode="json"))
     trainable = rtune.with_resources(rtune.with_parameters(_trial, base=base, name=name), {"CPU": 0.1})
     if not fresh and rtune.Tuner.can_restore(path):
         print(f"[tune] restoring {path}", flush=True)

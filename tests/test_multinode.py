@@ -235,3 +235,66 @@ def test_node_loss_during_training_resumes_from_last_checkpoint(multinode: Multi
     mine = _train_workers(ray.get_runtime_context().get_job_id())
     assert killed["node"] in {a.node_id for a in mine}
     assert len(mine) >= 4, [(a.node_id, a.state) for a in mine]
+
+
+def _vllm_actor_pids() -> set[int]:
+    """Processes of the vLLM engine actors (every node of the Cluster runs on this machine)."""
+    import psutil
+
+    pids = set()
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "MapBatches(VLLMBatch)" in " ".join(p.info["cmdline"] or []):
+                pids.add(p.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_killed_augmentation_actor_loses_no_users(multinode: MultiNode) -> None:
+    """SIGKILL the vLLM engine actor mid-SIA on a worker node: Ray restarts it, its batch is
+    retried, and every chosen user ends with exactly one answered row."""
+    import os
+    import signal
+
+    import pyarrow.parquet as pq
+
+    from llmser_ray.augment.sia import augment
+    from llmser_ray.data.prepare import prepare
+    from llmser_ray.pretrain import pretrain
+
+    workdir = multinode.temp / "augkill"
+    users = 24
+    cfg = load_config(None, [
+        f"workdir={workdir}", *SMALL, "train.num_workers=1", "train.epochs=2",
+        f"ray.address={multinode.cluster.address}", f"augment.max_users={users}",
+        "augment.shard_size=2", "augment.num_candidates=10", "augment.ask_items=5", "dual.num_pseudo=5",
+        "augment.scorer_cpus=0.25", "llm.batch_size=2", "llm.max_tokens=40", "llm.cpus_per_engine=0.5"])
+    prepare(cfg)
+    pretrain(cfg)
+    before = _vllm_actor_pids()
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["res"] = augment(cfg)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertions below
+            result["error"] = e
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 600
+    while not list((workdir / "llm_cache").glob("part-*.jsonl")):  # the engine answers
+        assert time.monotonic() < deadline and worker.is_alive(), result
+        time.sleep(0.2)
+    victims = _vllm_actor_pids() - before
+    assert len(victims) == 1, victims
+    victim = victims.pop()
+    os.kill(victim, signal.SIGKILL)
+    worker.join(timeout=900)
+    assert not worker.is_alive() and "error" not in result, result.get("error")
+    table = pq.read_table(result["res"].path / "augmented.parquet").to_pandas()
+    assert len(table) == users and table["user_id"].is_unique
+    assert (table["status"] != "error").all(), table[table["status"] == "error"]["error"].tolist()
+    writers = {int(p.name.split("-")[2]) for p in (workdir / "llm_cache").glob("part-*.jsonl")}
+    assert victim in writers and len(writers) >= 2, writers  # the replacement answered the rest

@@ -30,6 +30,10 @@ def test_search_guards() -> None:
         check_search(load_config(None, ['tune.search={"dual.bta": {"grid": [0.1]}}']))
     with pytest.raises(ConfigError, match="cached upstream stage"):
         check_search(load_config(None, ['tune.search={"augment.num_candidates": {"grid": [10]}}']))
+    beta_tail = load_config(None, ['tune.search={"dual.beta": {"grid": [0.2, 0.8]}}', "augment.users=tail"])
+    with pytest.raises(ConfigError, match="dual.beta, which has no effect"):
+        check_search(beta_tail)
+    check_search(load_config(None, ['tune.search={"dual.beta": {"grid": [0.2, 0.8]}}', "augment.users=all"]))
     with pytest.raises(ConfigError, match="exactly one of"):
         load_config(None, ['tune.search={"train.lr": {"grid": [0.1], "uniform": [0, 1]}}'])
 
@@ -102,3 +106,24 @@ def test_tune_runs_reports_and_restores_after_the_driver_dies(tmp_path: Path) ->
     assert summary["baseline"]["tail_user"]["n"] > 0
     assert (report / "report.html").is_file() and (report / "dual_num_pseudo.png").is_file()
     assert (report / "groups.png").is_file()
+
+
+def test_trials_get_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune runs each trial in its own working folder: a relative workdir must not reach it."""
+    import copy
+    import pickle
+
+    from llmser_ray.errors import StageError
+    from llmser_ray.tuning import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["workdir=runs/quickstart", "data.path=data/x.txt", "ray.storage_path=s3://b/p"])
+    tree = absolute_paths(cfg.model_dump(mode="json"))
+    assert tree["workdir"] == str(tmp_path / "runs" / "quickstart")
+    assert tree["data"]["path"] == str(tmp_path / "data" / "x.txt")
+    assert tree["ray"]["storage_path"] == "s3://b/p"  # URIs untouched
+    assert not tree["llm"]["model_cache"].startswith("~")
+    # A trial's error is copied by Tune and pickled by Ray: it must survive both, message intact.
+    err = StageError("no prepared dataset", "run prepare")
+    for again in (copy.copy(err), pickle.loads(pickle.dumps(err))):
+        assert str(again) == "no prepared dataset. Fix: run prepare" and again.fix == "run prepare"

