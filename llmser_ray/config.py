@@ -376,8 +376,8 @@ class RayConfig(_Strict):
     """Where the work runs: a local Ray by default, an existing cluster with ``address``."""
 
     address: str | None = None
-    # Logical CPUs of a local Ray (None = the machine's cores). More logical CPUs than cores
-    # lets fractional actors and feeders coexist on a two-core machine.
+    # Logical CPUs of a local Ray. None: the machine's cores, but at least 4, so that a stage's
+    # fractional actors and Ray Data's own tasks coexist on a two-core machine (local_cpus).
     num_cpus: float | None = None
     dashboard_host: str = "127.0.0.1"
     include_dashboard: bool = True

@@ -27,7 +27,7 @@ def init_ray(cfg: RayConfig, quiet: bool = False) -> str | None:
             ctx = ray.init(address=cfg.address, log_to_driver=True)
         else:
             ctx = ray.init(
-                num_cpus=cfg.num_cpus,
+                num_cpus=local_cpus(cfg),
                 include_dashboard=cfg.include_dashboard,
                 dashboard_host=cfg.dashboard_host,
                 log_to_driver=True,
@@ -43,6 +43,19 @@ def init_ray(cfg: RayConfig, quiet: bool = False) -> str | None:
     if url and not quiet:
         print(f"[ray] dashboard: {url}", flush=True)
     return url
+
+
+def local_cpus(cfg: RayConfig) -> float:
+    """Logical CPUs of a local Ray: ``ray.num_cpus``, else the cores but at least 4.
+
+    An augmentation stage holds several fractional actors at once (prompter, vLLM engine,
+    grounder, FAISS) and Ray Data still needs a whole CPU for its own tasks; on a 2-core laptop
+    Ray's default (2) leaves the last actor unscheduled and the stage waits forever. Four logical
+    CPUs on two cores oversubscribes a little; every one of those actors is mostly idle.
+    """
+    if cfg.num_cpus is not None:
+        return cfg.num_cpus
+    return float(max(os.cpu_count() or 1, 4))
 
 
 def _dashboard_url() -> str | None:

@@ -39,15 +39,6 @@ def _cfg(workdir: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory, ray_local) -> Path:
     wd = tmp_path_factory.mktemp("aug")
     cfg = _cfg(wd)

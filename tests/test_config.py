@@ -66,3 +66,13 @@ def test_digest_tracks_only_named_sections() -> None:
     b = load_config(None, ["train.lr=0.01"])
     assert a.digest("model") == b.digest("model")
     assert a.digest("train") != b.digest("train")
+
+
+def test_local_ray_has_room_for_a_stage_on_small_machines() -> None:
+    """A 2-core machine still gets 4 logical CPUs: the augment stage's fractional actors plus Ray
+    Data's own whole-CPU tasks do not fit in 2 and would wait forever."""
+    from llmser_ray.config import RayConfig
+    from llmser_ray.ray_utils import local_cpus
+
+    assert local_cpus(RayConfig()) >= 4
+    assert local_cpus(RayConfig(num_cpus=2)) == 2  # an explicit setting wins

@@ -44,15 +44,6 @@ def msgs(text: str, system: str | None = None) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def titles(tmp_path_factory) -> list[str]:
     """Real Beauty titles, in the order a user bought them (the first users' histories)."""
     wd = tmp_path_factory.mktemp("beauty-llm")

@@ -30,15 +30,6 @@ def _cfg(workdir: Path, extra: list[str] | None = None) -> Config:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def small_beauty(tmp_path_factory) -> Path:
     """The first 40 users of Beauty: a few hundred real items with their real titles."""
     wd = tmp_path_factory.mktemp("beauty-small")

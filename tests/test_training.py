@@ -39,15 +39,6 @@ def _beauty(workdir: Path, extra: list[str] | None = None) -> Config:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def beauty_dir(tmp_path_factory) -> Path:
     wd = tmp_path_factory.mktemp("beauty")
     prepare(_beauty(wd))

@@ -1,0 +1,16 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray per test module, with more logical CPUs than cores so that fractional stage
+    actors and Ray Data's own tasks fit side by side on two cores (as the quickstart does)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
