@@ -31,19 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
-
-
-def load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+from common import BEAUTY, beauty_sets, loadavg
 
 
 def config(args: argparse.Namespace, extra: list[str]) -> Any:
     from llmser_ray.config import load_config
 
     return load_config(None, [
-        f"workdir={Path(args.workdir).resolve()}", "data.source=s3rec",
-        f"data.path={args.data / 'Beauty.txt'}", f"data.item_path={args.data / 'items.jsonl'}",
+        *beauty_sets(args.workdir, args.data),
         "data.tail_user_threshold=9", "model.max_len=50", f"train.epochs={args.pretrain_epochs}",
         "train.torch_threads=1", f"augment.max_users={args.users}", "augment.seed=0",
         "llm.cache=false", *extra])
@@ -73,13 +68,13 @@ def main() -> None:
     counts = prepare(base).counts
     pre = pretrain(base)
     print(f"prepare + pretrain (cached after the first run): {time.perf_counter() - t0:.0f} s; "
-          f"forward test ndcg@10 {pre.forward.test['full']['overall']['ndcg@10']:.4f}; load {load()}")
+          f"forward test ndcg@10 {pre.forward.test['full']['overall']['ndcg@10']:.4f}; load {loadavg()}")
 
     figures: dict[str, Any] = {"users_sampled": args.users, "dataset": counts, "llm": base.llm.model,
                                "pretrain_epochs": args.pretrain_epochs, "sia": {}, "arv": None}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         cfg = config(args, [f"augment.grounding={mode}"])
-        before = load()
+        before = loadavg()
         res = augment(cfg, force=True)
         s = res.summary
         n = max(int(s["users_processed_now"]), 1)
@@ -90,24 +85,24 @@ def main() -> None:
                "mean_pseudo_len": s.get("mean_pseudo_len"),
                "prompt_tokens_per_user": s["prompt_tokens"] / n,
                "completion_tokens_per_user": s["completion_tokens"] / n,
-               "load_before": before, "load_after": load()}
+               "load_before": before, "load_after": loadavg()}
         figures["sia"][mode] = row
         print(f"SIA {mode:>14}: {row['users_per_s']:.2f} users/s ({s['seconds']:.0f} s), hallucination "
               f"{row['hallucination_rate']:.3f}, duplicates {row['duplicate_rate']:.3f}, positional "
               f"{row['positional_rate']:.2f}, tokens/user {row['prompt_tokens_per_user']:.0f} in + "
               f"{row['completion_tokens_per_user']:.0f} out; status {row['status']}; "
-              f"load {before} -> {load()}")
+              f"load {before} -> {loadavg()}")
         if mode == "constrained":
-            before = load()
+            before = loadavg()
             v = validate(cfg, force=True).summary
             arv = {k: v.get(k) for k in ("users", "users_per_s", "seconds", "r_u", "w_u_mean", "hit_rate",
                                          "top_position_share", "status")}
-            arv.update(load_before=before, load_after=load())
+            arv.update(load_before=before, load_after=loadavg())
             figures["arv"] = arv
             print(f"ARV (constrained): {arv['users_per_s']:.2f} users/s ({arv['seconds']:.0f} s), "
                   f"r_u {arv['r_u']}, hit rate {arv['hit_rate']:.3f}, "
                   f"top-position share {arv['top_position_share']:.2f}; "
-                  f"load {before} -> {load()}")
+                  f"load {before} -> {loadavg()}")
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2, default=str) + "\n")
         print(f"figures: {args.out}")

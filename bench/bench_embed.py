@@ -17,18 +17,16 @@ import time
 from pathlib import Path
 
 import torch
+from common import beauty_sets, loadavg
 
 from llmser_ray.config import EmbedConfig, load_config
 from llmser_ray.data.dataset import load_dataset
 from llmser_ray.data.prepare import prepare
 from llmser_ray.text.embed import Embedder, embed_items
 
-BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
-
 
 def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load {one:.1f}/{five:.1f}/{fifteen:.1f}"
+    return f"load {loadavg()}"
 
 
 def main() -> None:
@@ -39,8 +37,7 @@ def main() -> None:
     ap.add_argument("--cpus-per-actor", type=float, default=1.0)
     ap.add_argument("--workdir", default="runs/bench-beauty")
     args = ap.parse_args()
-    base = [f"workdir={Path(args.workdir).resolve()}", "data.source=s3rec",
-            f"data.path={BEAUTY / 'Beauty.txt'}", f"data.item_path={BEAUTY / 'items.jsonl'}"]
+    base = beauty_sets(args.workdir)
     prepare(load_config(None, base))
     ds = load_dataset(Path(args.workdir).resolve() / "dataset")
     texts = ds.item_text[1:]

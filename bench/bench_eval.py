@@ -27,10 +27,10 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import beauty_sets
 
 from llmser_ray.config import EvalConfig, load_config
 from llmser_ray.data.dataset import load_dataset
@@ -39,8 +39,6 @@ from llmser_ray.data.prepare import prepare
 from llmser_ray.evaluation import rank_targets
 from llmser_ray.models import build_model
 from llmser_ray.models.base import SeqRecModel
-
-BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
 
 
 class TableModel(SeqRecModel):
@@ -80,9 +78,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
 
-    cfg = load_config(None, [f"workdir={Path(args.workdir).resolve()}", "data.source=s3rec",
-                             f"data.path={BEAUTY / 'Beauty.txt'}",
-                             f"data.item_path={BEAUTY / 'items.jsonl'}"])
+    cfg = load_config(None, beauty_sets(args.workdir))
     prepare(cfg)
     ds = load_dataset(cfg.workdir_path / "dataset")
     if args.model_dir:

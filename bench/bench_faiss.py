@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import beauty_sets, loadavg
 
 from llmser_ray.config import EmbedConfig, FaissConfig, load_config
 from llmser_ray.data.dataset import load_dataset
@@ -26,12 +27,9 @@ from llmser_ray.data.prepare import prepare
 from llmser_ray.text.embed import Embedder
 from llmser_ray.text.faiss_index import FaissPool, ItemIndex
 
-BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
-
 
 def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load {one:.1f}/{five:.1f}/{fifteen:.1f}"
+    return f"load {loadavg()}"
 
 
 def numpy_knn(vectors: np.ndarray, q: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -105,8 +103,7 @@ def pool(vectors: np.ndarray, n_queries: int, actors: int, threads: int) -> None
 
 
 def beauty_vectors(workdir: Path) -> np.ndarray:
-    cfg = load_config(None, [f"workdir={workdir}", "data.source=s3rec", f"data.path={BEAUTY / 'Beauty.txt'}",
-                             f"data.item_path={BEAUTY / 'items.jsonl'}"])
+    cfg = load_config(None, beauty_sets(workdir))
     prepare(cfg)
     cache = workdir / "bench-vectors.npy"
     if cache.is_file():

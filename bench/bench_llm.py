@@ -26,19 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import beauty_sets, loadavg
 
 from llmser_ray.config import LLMConfig, load_config
 from llmser_ray.data.dataset import load_dataset
 from llmser_ray.data.prepare import prepare
 from llmser_ray.llm import generate_rows, resolve_llm
 
-BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
 SYSTEM = "You are a shopping assistant. Answer with product names only."
 
 
 def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load {one:.1f}/{five:.1f}/{fifteen:.1f}"
+    return f"load {loadavg()}"
 
 
 def sia_prompts(workdir: Path, n: int, seed: int = 0, n_candidates: int = 20, n_history: int = 15,
@@ -204,9 +203,7 @@ def main() -> None:
 
     import ray
 
-    cfg0 = load_config(None, [f"workdir={Path(args.workdir).resolve()}", "data.source=s3rec",
-                              f"data.path={BEAUTY / 'Beauty.txt'}",
-                              f"data.item_path={BEAUTY / 'items.jsonl'}"])
+    cfg0 = load_config(None, beauty_sets(args.workdir))
     prepare(cfg0)
     prompts = sia_prompts(cfg0.workdir_path, args.prompts)
     cfg = LLMConfig(max_tokens=args.max_tokens, batch_size=args.batch_size, num_engines=args.engines,

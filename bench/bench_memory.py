@@ -20,16 +20,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
+from common import BEAUTY
+from common import loadavg as load
 
-BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
 GIB = 1024**3
-
-
-def load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def tree(pid: int) -> list[psutil.Process]:

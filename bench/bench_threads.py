@@ -12,22 +12,16 @@ This script measures it (wall time, interleaved, same batches) so the choice of
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
+from common import beauty_sets, loadavg, training_steps
 
 from llmser_ray.config import load_config
 from llmser_ray.data.dataset import load_dataset
 from llmser_ray.data.prepare import prepare
 from llmser_ray.evaluation import rank_targets
-from llmser_ray.models import build_model
-from llmser_ray.training import LossModule, _batch_tensor, training_sequences
-
-BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
 
 
 def main() -> None:
@@ -37,31 +31,15 @@ def main() -> None:
     ap.add_argument("--eval-users", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    cfg = load_config(None, [f"workdir={Path(args.workdir).resolve()}", "data.source=s3rec",
-                             f"data.path={BEAUTY / 'Beauty.txt'}",
-                             f"data.item_path={BEAUTY / 'items.jsonl'}"])
+    cfg = load_config(None, beauty_sets(args.workdir))
     prepare(cfg)
     ds = load_dataset(cfg.workdir_path / "dataset")
-    torch.manual_seed(0)
-    model = build_model(cfg.model, ds.num_items)
-    wrapped = LossModule(model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    seqs = [s for s in training_sequences(ds, False) if len(s) >= 2]
-    order = np.random.default_rng(1).permutation(len(seqs))
-    bs = cfg.train.batch_size
-    batches = [_batch_tensor([seqs[i] for i in order[s:s + bs]], cfg.model.max_len)
-               for s in range(0, bs * args.batches, bs)]
-    gen = torch.Generator().manual_seed(0)
+    run = training_steps(cfg, ds, args.batches)
+    model, batches, step = run.model, run.batches, run.step
     vi, vt = ds.split("valid")
     vi, vt = vi[:args.eval_users], vt[:args.eval_users]
 
-    def step(batch: torch.Tensor) -> None:
-        loss = wrapped(batch, cfg.train.loss, cfg.train.num_negatives, gen).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    load_before = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    load_before = loadavg()
     train_ms: dict[int, list[float]] = {1: [], 2: []}
     eval_s: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(args.repeats):
@@ -74,7 +52,7 @@ def main() -> None:
             t0 = time.perf_counter()
             rank_targets(model, vi, vt, cfg.eval, ds.num_items)
             eval_s[threads].append(time.perf_counter() - t0)
-    print(f"load average before {load_before}, after {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"load average before {load_before}, after {loadavg()}")
     tr = {t: statistics.median(v) for t, v in train_ms.items()}
     ev = {t: statistics.median(v) for t, v in eval_s.items()}
     for threads in (1, 2):

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import beauty_sets
+from common import loadavg as load
 
 from llmser_ray.config import Config, load_config
 from llmser_ray.data.dataset import load_dataset
@@ -47,13 +49,8 @@ from llmser_ray.models import build_model
 from llmser_ray.ray_utils import init_ray
 from llmser_ray.training import LossModule, train, train_epoch, training_sequences
 
-BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
 # Read by the raylet when Ray starts (a RayConfig entry: the name is case-sensitive).
 NICENESS_ENV = "RAY_worker_niceness"
-
-
-def load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def plain_loop(cfg: Config, epochs: int) -> tuple[list[float], list[float]]:
@@ -191,9 +188,7 @@ def main() -> None:
         os.environ[NICENESS_ENV] = str(args.ray_niceness)
     torch.set_num_threads(args.threads)
     load_before = load()
-    base = [f"workdir={Path(args.workdir).resolve()}", "data.source=s3rec",
-            f"data.path={BEAUTY / 'Beauty.txt'}", f"data.item_path={BEAUTY / 'items.jsonl'}",
-            f"train.epochs={args.epochs}", f"train.patience={args.epochs + 1}",
+    base = [*beauty_sets(args.workdir), f"train.epochs={args.epochs}", f"train.patience={args.epochs + 1}",
             f"train.cpus_per_worker={args.threads}", f"train.torch_threads={args.threads}",
             "ray.include_dashboard=false"]
     cfg = load_config(None, base)

@@ -22,21 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
+from common import BEAUTY, beauty_sets, loadavg
+
 VARIANTS = ("baseline", "candidates", "llmser")
 GROUPS = ("overall", "tail_user", "head_user", "tail_item", "head_item")
 HEADLINE = ("ndcg@10", "hr@10")
 
 
 def log(text: str) -> None:
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    load = loadavg()
     sys.stdout.write(f"[ablation {time.strftime('%H:%M:%S')} load {load}] {text}\n")
     sys.stdout.flush()
 
@@ -45,8 +45,7 @@ def config(args: argparse.Namespace, seed: int, extra: list[str] | None = None) 
     from llmser_ray.config import load_config
 
     return load_config(None, [
-        f"workdir={Path(args.workdir).resolve()}", "data.source=s3rec",
-        f"data.path={args.data / 'Beauty.txt'}", f"data.item_path={args.data / 'items.jsonl'}",
+        *beauty_sets(args.workdir, args.data),
         "data.tail_user_threshold=9", "model.backbone=sasrec", f"model.max_len={args.max_len}",
         f"train.epochs={args.epochs}", f"train.patience={args.patience}", f"train.seed={seed}",
         "train.torch_threads=1", f"dual.num_pseudo={args.num_pseudo}", f"dual.beta={args.beta}",

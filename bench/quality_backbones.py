@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
+from common import BEAUTY, beauty_sets, loadavg
+
 GROUPS = ("overall", "tail_user", "head_user", "tail_item", "head_item")
 SEEDS = [42, 43, 44]
 HEADLINE = ("hr@10", "ndcg@10")
@@ -56,15 +57,14 @@ BACKBONE_SETTINGS: dict[str, list[str]] = {
 
 
 def log(text: str) -> None:
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    load = loadavg()
     sys.stdout.write(f"[quality {time.strftime('%Y-%m-%d %H:%M:%S')} load {load}] {text}\n")
     sys.stdout.flush()
 
 
 def base_overrides(args: argparse.Namespace) -> list[str]:
     return [
-        f"workdir={Path(args.workdir).resolve()}", "data.source=s3rec",
-        f"data.path={args.data / 'Beauty.txt'}", f"data.item_path={args.data / 'items.jsonl'}",
+        *beauty_sets(args.workdir, args.data),
         f"train.epochs={args.epochs}", f"train.torch_threads={args.threads}",
         f"train.cpus_per_worker={args.cpus_per_worker}", "ray.include_dashboard=false",
     ]
