@@ -13,6 +13,9 @@ each server is measured alone, one after the other, in this one script:
 
 Requests mix known users and ad-hoc histories of 3-10 item ids, k=10. A last pair of runs
 measures the pseudo-prior candidate path (a 2-item history with ``pseudo`` "off" vs "on").
+Ray Serve is measured once per ``--ingress`` (default both: ``haproxy``, Serve's HAProxy +
+direct-ingress mode, and ``proxy``, its classic Python proxy), each on a fresh local Ray
+because Serve reads its ingress flags when Ray starts.
 
     .venv/bin/python bench/bench_serve.py -w runs/beauty --out docs/bench_serve.json
 
@@ -204,6 +207,12 @@ def serve_pids(app: str = "llmser") -> dict[str, int]:
             continue
         handle = ray.get_actor(name, namespace="serve")
         pids[role] = ray.get(handle.__ray_call__.remote(lambda _self: os.getpid()))
+    if "proxy" in pids:  # with RAY_SERVE_ENABLE_HA_PROXY the proxy actor runs haproxy as a child
+        import psutil
+
+        for child in psutil.Process(pids["proxy"]).children(recursive=True):
+            if "haproxy" in child.name():
+                pids[f"haproxy-{child.pid}"] = child.pid
     return pids
 
 
@@ -229,7 +238,7 @@ def measure(name: str, url: str, args: argparse.Namespace, info: dict[str, int],
         res["cpu_ms_per_request"] = {k: round((after[k] - before[k]) * 1000 / n, 3) for k in pids}
         res["server_cpu_ms_per_request"] = round(sum(res["cpu_ms_per_request"].values()), 3)
         rows.append(res)
-        print(f"  {name:5s} {kind:10s} {mode:6s} {level:>5}: {res['throughput_rps']:7.1f} req/s "
+        print(f"  {name:13s} {kind:10s} {mode:6s} {level:>5}: {res['throughput_rps']:7.1f} req/s "
               f"p50 {res['p50_ms']} ms p99 {res['p99_ms']} ms batch {res['mean_batch']} "
               f"cpu/req {res['cpu_ms_per_request']} errors {res['errors'] or 0} "
               f"load {res['loadavg_before'][0]}", flush=True)
@@ -321,6 +330,8 @@ def main() -> None:
     ap.add_argument("--serve-env", action="append", default=[],
                     help="KEY=VALUE set before the local Ray starts (Serve tuning flags)")
     ap.add_argument("--skip-bare", action="store_true", help="measure Ray Serve only")
+    ap.add_argument("--ingress", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                    default=["haproxy", "proxy"], help="serve.ingress values to measure, in turn")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--quality-max-len", type=int, default=5,
                     help="--role quality: test users with at most this many input items")
@@ -376,25 +387,32 @@ def main() -> None:
             bare.terminate()
             bare.wait(timeout=30)
 
-    for kv in args.serve_env:  # e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1: inherited by every Ray process
-        key, _, value = kv.partition("=")
-        os.environ[key] = value
-    result["serve_env"] = args.serve_env
-    ray.init(num_cpus=cfg.ray.num_cpus or 4, include_dashboard=False)
-    try:
-        url = serve(cfg, blocking=False)
-        health = wait_up(url)
-        info = info or {"num_users": health["num_users"], "num_items": health["num_items"],
-                        "reverse_model": int(health["reverse_model"])}
-        result["model"] = health["model"]
-        pids = serve_pids()
-        result["serve_processes"] = sorted(pids)
-        rows += measure("serve", url, args, info, pids)
-    finally:
-        from ray import serve as ray_serve
+    from llmser_ray.serving import serve_env
 
-        ray_serve.shutdown()
-        ray.shutdown()
+    result["serve_env"] = args.serve_env
+    for ingress in args.ingress:
+        # Serve reads its ingress flags when Ray starts: a fresh local Ray per ingress.
+        icfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"ingress": ingress})})
+        os.environ.update(serve_env(icfg.serve))
+        for kv in args.serve_env:  # extra Serve flags, inherited by every Ray process
+            key, _, value = kv.partition("=")
+            os.environ[key] = value
+        ray.init(num_cpus=cfg.ray.num_cpus or 4, include_dashboard=False)
+        try:
+            url = serve(icfg, blocking=False)
+            health = wait_up(url)
+            info = info or {"num_users": health["num_users"], "num_items": health["num_items"],
+                            "reverse_model": int(health["reverse_model"])}
+            result["model"] = health["model"]
+            pids = serve_pids()
+            result.setdefault("serve_processes", {})[ingress] = sorted(pids)
+            print(f"Ray Serve, ingress {health['ingress']} ({health['model']})", flush=True)
+            rows += measure(f"serve-{ingress}", url, args, info, pids)
+        finally:
+            from ray import serve as ray_serve
+
+            ray_serve.shutdown()
+            ray.shutdown()
     result["runs"] = rows
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

