@@ -99,6 +99,20 @@ def test_embed_stage_writes_the_schema_and_reruns_as_noop(embedded: tuple[Path, 
     np.testing.assert_array_equal(load_item_vectors(wd / "embeddings"), vectors)
 
 
+@pytest.mark.parametrize("n, actors", [(12_101, 2), (10_000_000, 16), (300, 4), (10, 1)])
+def test_embed_blocks_feed_every_actor_and_bound_the_length_sort_window(n: int, actors: int) -> None:
+    """Each map call embeds one whole block (so the model's length sort spans it): blocks must
+    give every actor work, stay within SORT_WINDOW_BATCHES batches, and not outnumber the batches."""
+    from llmser_ray.text.embed import SORT_WINDOW_BATCHES, _num_blocks
+
+    cfg = EmbedConfig(num_actors=actors, batch_size=256)
+    blocks = _num_blocks(n, cfg)
+    rows = -(-n // blocks)
+    assert rows <= SORT_WINDOW_BATCHES * 256 + 1
+    assert blocks >= min(4 * actors, -(-n // 256))
+    assert blocks <= -(-n // 256)  # no more blocks than encode batches
+
+
 def test_missing_inputs_name_the_stage_to_run(tmp_path: Path) -> None:
     with pytest.raises(StageError, match="llmser-ray embed"):
         load_item_vectors(tmp_path)

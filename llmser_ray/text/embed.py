@@ -139,10 +139,18 @@ def embed_digest(cfg: EmbedConfig, dataset_digest: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Rows per map call, in encode batches: each call embeds a whole block, and sentence-transformers
+# sorts a call's texts by length before cutting them into batches, so a batch pads to texts of
+# about its own length. Cut into calls of one batch each, a batch of random titles pads to its
+# longest (Beauty: 20 tokens on average, 164 at most): measured 3x slower (bench_embed.py).
+SORT_WINDOW_BATCHES = 16
+
+
 def _num_blocks(n_items: int, cfg: EmbedConfig) -> int:
-    # Enough blocks that every actor gets work (and a restarted actor loses little), never
-    # blocks smaller than one encode batch.
-    return max(1, min(math.ceil(n_items / cfg.batch_size), 4 * cfg.num_actors))
+    # Enough blocks that every actor gets work (and a restarted actor loses little), none over
+    # SORT_WINDOW_BATCHES encode batches (bounded memory per call), never fewer rows than a batch.
+    wanted = max(4 * cfg.num_actors, math.ceil(n_items / (SORT_WINDOW_BATCHES * cfg.batch_size)))
+    return max(1, min(math.ceil(n_items / cfg.batch_size), wanted))
 
 
 def embed_items(cfg: Config, force: bool = False) -> EmbedResult:
@@ -179,7 +187,7 @@ def embed_items(cfg: Config, force: bool = False) -> EmbedResult:
         compute=ray.data.ActorPoolStrategy(size=cfg.embed.num_actors),
         num_cpus=cfg.embed.cpus_per_actor,
         num_gpus=cfg.embed.gpus_per_actor or None,
-        batch_size=cfg.embed.batch_size,
+        batch_size=None,  # one call per block: the length sort spans the block (_num_blocks)
         batch_format="numpy",
         max_task_retries=3,
     )
