@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from ray import serve as ray_serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmser_ray.config import Config, DualConfig, load_config
+from llmser_ray.config import Config, DualConfig, ServeConfig, load_config
 from llmser_ray.data.dataset import SeqDataset, load_dataset
 from llmser_ray.data.padding import pad_left
 from llmser_ray.errors import ConfigError, StageError
@@ -769,7 +769,7 @@ def effective_ingress() -> str:
     return "direct" if c.RAY_SERVE_ENABLE_DIRECT_INGRESS else "proxy"
 
 
-def serve_env(sc: Any) -> dict[str, str]:
+def serve_env(sc: ServeConfig) -> dict[str, str]:
     """Environment variables the Ray processes need for ``sc.ingress`` (``serve.*`` config).
 
     Serve reads its ingress flags when its processes start, so they must be in the environment
@@ -896,14 +896,18 @@ def bare_app(cfg: Config) -> FastAPI:
     return build_api(state, score, candidates, f"llmser-ray (bare): {state.model_name}")
 
 
+def _tcp_socket(host: str) -> socket.socket:
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+
+
 def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host if host not in ("0.0.0.0", "::") else "127.0.0.1", 0))
+    with _tcp_socket(host) as s:
+        s.bind((host if host not in ("0.0.0.0", "::") else ("::1" if ":" in host else "127.0.0.1"), 0))
         return int(s.getsockname()[1])
 
 
 def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+    with _tcp_socket(host) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))

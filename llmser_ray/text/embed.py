@@ -148,7 +148,7 @@ SORT_WINDOW_BATCHES = 16
 
 def _num_blocks(n_items: int, cfg: EmbedConfig) -> int:
     # Enough blocks that every actor gets work (and a restarted actor loses little), none over
-    # SORT_WINDOW_BATCHES encode batches (bounded memory per call), never fewer rows than a batch.
+    # SORT_WINDOW_BATCHES encode batches (bounded memory per call), never more blocks than batches.
     wanted = max(4 * cfg.num_actors, math.ceil(n_items / (SORT_WINDOW_BATCHES * cfg.batch_size)))
     return max(1, min(math.ceil(n_items / cfg.batch_size), wanted))
 
