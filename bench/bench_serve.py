@@ -187,35 +187,6 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def serve_pids(app: str = "llmser") -> dict[str, int]:
-    """PIDs of this Serve instance's proxy, controller and replicas (asked of the actors themselves:
-    other people's Serve processes on a shared machine carry the same names)."""
-    import ray
-
-    pids = {}
-    for a in ray.util.list_named_actors(all_namespaces=True):
-        name = a["name"]
-        if a.get("namespace") != "serve":
-            continue
-        if name.startswith(f"SERVE_REPLICA::{app}#"):
-            role = f"replica-{name.rsplit('#', 1)[-1]}"
-        elif name.startswith("SERVE_PROXY_ACTOR"):
-            role = "proxy"
-        elif name.startswith("SERVE_CONTROLLER_ACTOR"):
-            role = "controller"
-        else:
-            continue
-        handle = ray.get_actor(name, namespace="serve")
-        pids[role] = ray.get(handle.__ray_call__.remote(lambda _self: os.getpid()))
-    if "proxy" in pids:  # with RAY_SERVE_ENABLE_HA_PROXY the proxy actor runs haproxy as a child
-        import psutil
-
-        for child in psutil.Process(pids["proxy"]).children(recursive=True):
-            if "haproxy" in child.name():
-                pids[f"haproxy-{child.pid}"] = child.pid
-    return pids
-
-
 def measure(name: str, url: str, args: argparse.Namespace, info: dict[str, int],
             pids: dict[str, int]) -> list[dict[str, Any]]:
     """Each run's latency and throughput, and the CPU milliseconds each server process spent per
@@ -387,7 +358,7 @@ def main() -> None:
             bare.terminate()
             bare.wait(timeout=30)
 
-    from llmser_ray.serving import serve_env
+    from llmser_ray.serving import serve_env, serve_process_ids
 
     result["serve_env"] = args.serve_env
     for ingress in args.ingress:
@@ -404,7 +375,7 @@ def main() -> None:
             info = info or {"num_users": health["num_users"], "num_items": health["num_items"],
                             "reverse_model": int(health["reverse_model"])}
             result["model"] = health["model"]
-            pids = serve_pids()
+            pids = serve_process_ids()
             result.setdefault("serve_processes", {})[ingress] = sorted(pids)
             print(f"Ray Serve, ingress {health['ingress']} ({health['model']})", flush=True)
             rows += measure(f"serve-{ingress}", url, args, info, pids)

@@ -796,6 +796,51 @@ def serve_env(sc: ServeConfig) -> dict[str, str]:
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port(sc.host))}
 
 
+def serve_process_ids(app: str = "llmser") -> dict[str, int]:
+    """PIDs of the Serve proxies (with HAProxy also the fallback proxy, HAProxy's backup while no
+    replica is up), the controller, ``app``'s replicas and the HAProxy children of the proxies on
+    this node (psutil reads the local process table), by role;
+    asked of the actors themselves, as other people's Serve processes on a shared machine carry
+    the same names. Serve restarts HAProxy on every config reload (the old one drains and exits),
+    so the ``haproxy-<pid>`` entries are a snapshot that may go stale."""
+    import psutil
+    import ray
+
+    pids: dict[str, int] = {}
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        name = a["name"]
+        if a.get("namespace") != "serve":
+            continue
+        if name.startswith(f"SERVE_REPLICA::{app}#"):
+            role = f"replica-{name.rsplit('#', 1)[-1]}"
+        elif name.startswith("SERVE_PROXY_ACTOR-fallback"):
+            role = "fallback-proxy"
+        elif name.startswith("SERVE_PROXY_ACTOR"):
+            role = "proxy"
+        elif name.startswith("SERVE_CONTROLLER_ACTOR"):
+            role = "controller"
+        else:
+            continue
+        if role in pids:  # one proxy per node: name the others by their node
+            role = f"{role}-{name.rsplit('-', 1)[-1][:8]}"
+        handle = ray.get_actor(name, namespace="serve")
+        pids[role] = ray.get(handle.__ray_call__.remote(lambda _self: os.getpid()))
+    for role, pid in list(pids.items()):
+        if not role.startswith("proxy"):
+            continue
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for child in children:
+            try:
+                if "haproxy" in child.name():
+                    pids[f"haproxy-{child.pid}"] = child.pid
+            except psutil.NoSuchProcess:
+                continue
+    return pids
+
+
 @ray_serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=HEALTH_CHECK_PERIOD_S,
                       # Serve's per-request access log costs CPU on every request; errors still log.
                       logging_config={"enable_access_log": False})
