@@ -14,6 +14,10 @@ Constrained runs last, so the workdir ends with the method's default augmentatio
 weights: ``bench/quality_ablation.py`` with the same ``--workdir``, ``--epochs``, ``--max-users``
 reuses them (and the pretrained models) instead of asking the LLM again.
 
+``--engines 1,2,2:nobind`` measures instead the constrained SIA's users/s per vLLM engine layout,
+side by side (the first arm is the baseline of the ratios): ``2`` = two engines, each bound to its
+own core (``llm.cpu_bind``, the default); ``2:nobind`` = two engines left to vLLM's own binding.
+
 Every timed stage runs with ``force`` and the LLM reply cache off, so a rerun measures again
 instead of reading cached replies. Tokens per user are printed too: they are what the GPU
 projection in docs/AUGMENTATION.md scales.
@@ -52,6 +56,8 @@ def main() -> None:
     ap.add_argument("--pretrain-epochs", type=int, default=30)
     ap.add_argument("--modes", default="lines,constrained",
                     help="grounding modes to compare (constrained, lines, whole_response)")
+    ap.add_argument("--engines", default=None,
+                    help="instead: constrained SIA users/s per engine layout, e.g. 1,2,2:nobind")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args()
 
@@ -70,6 +76,9 @@ def main() -> None:
     print(f"prepare + pretrain (cached after the first run): {time.perf_counter() - t0:.0f} s; "
           f"forward test ndcg@10 {pre.forward.test['full']['overall']['ndcg@10']:.4f}; load {loadavg()}")
 
+    if args.engines:
+        engine_layouts(args, counts)
+        return
     figures: dict[str, Any] = {"users_sampled": args.users, "dataset": counts, "llm": base.llm.model,
                                "pretrain_epochs": args.pretrain_epochs, "sia": {}, "arv": None}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
@@ -105,6 +114,31 @@ def main() -> None:
                   f"load {before} -> {loadavg()}")
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2, default=str) + "\n")
+        print(f"figures: {args.out}")
+
+
+def engine_layouts(args: argparse.Namespace, counts: dict[str, Any]) -> None:
+    """Constrained SIA once per engine layout on the same users, engine start included."""
+    from llmser_ray.augment.sia import augment
+
+    rows = []
+    for arm in [a.strip() for a in args.engines.split(",") if a.strip()]:
+        n, _, mode = arm.partition(":")
+        cfg = config(args, ["augment.grounding=constrained", f"llm.num_engines={int(n)}",
+                            f"llm.cpu_bind={mode != 'nobind'}"])
+        before = loadavg()
+        s = augment(cfg, force=True).summary
+        row = {"arm": arm, "engines": int(n), "cpu_bind": mode != "nobind", "users": s["users"],
+               "seconds": s["seconds"], "users_per_s": s["users_per_s"], "status": s["status"],
+               "load_before": before, "load_after": loadavg()}
+        row["ratio"] = row["users_per_s"] / rows[0]["users_per_s"] if rows else 1.0
+        rows.append(row)
+        print(f"SIA constrained, engines {arm:>9}: {row['users_per_s']:.2f} users/s ({s['seconds']:.0f} s, "
+              f"engine start included), x{row['ratio']:.2f} of {rows[0]['arm']}; status {s['status']}; "
+              f"load {before} -> {loadavg()}", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"users_sampled": args.users, "dataset": counts, "llm": cfg.llm.model,
+                                        "engine_layouts": rows}, indent=2, default=str) + "\n")
         print(f"figures: {args.out}")
 
 

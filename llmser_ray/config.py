@@ -225,6 +225,10 @@ class LLMConfig(_Strict):
     max_model_len: int = Field(2048, ge=128)
     max_num_seqs: int = Field(64, ge=1)
     dtype: str = "auto"
+    # CPU engines: each claims its own floor(cpus_per_engine) cores on its node and binds its
+    # threads there, so several engines on one machine do not share cores (vLLM's own default
+    # would put them all on the same ones). A VLLM_CPU_OMP_THREADS_BIND set by the user wins.
+    cpu_bind: bool = True
     # KV cache on CPU (VLLM_CPU_KVCACHE_SPACE, GiB).
     cpu_kv_cache_gib: float = Field(1.0, gt=0)
     enforce_eager: bool = True

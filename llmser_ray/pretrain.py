@@ -9,9 +9,12 @@ ordinary ``train`` runs, so they cache, resume and report like any other model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from llmser_ray.config import Config
-from llmser_ray.training import TrainResult, train
+from llmser_ray.errors import StageError
+from llmser_ray.io import read_manifest
+from llmser_ray.training import TrainResult, default_name, model_dir, train
 
 
 @dataclass
@@ -26,6 +29,16 @@ def plain_config(cfg: Config, reverse: bool) -> Config:
         "train": cfg.train.model_copy(update={"reverse": reverse}),
         "dual": cfg.dual.model_copy(update={"enabled": False}),
     })
+
+
+def pretrained_dir(cfg: Config, reverse: bool) -> Path:
+    """The folder of the pretrained forward or reverse model the later stages read; a missing
+    one is an error that says which command makes it (they never train it implicitly)."""
+    folder = model_dir(cfg, default_name(plain_config(cfg, reverse=reverse)))
+    if read_manifest(folder) is None:
+        raise StageError(f"no {'reverse' if reverse else 'forward'}-trained model in {folder}",
+                         "run `llmser-ray pretrain` with the same --workdir and config first")
+    return folder
 
 
 def pretrain(cfg: Config, force: bool = False) -> PretrainResult:

@@ -362,3 +362,61 @@ def test_concurrent_first_use_converts_the_model_once(tmp_path: Path) -> None:
     assert outs[0] == outs[1] and (Path(outs[0]) / "model.safetensors").is_file()
     assert log.read_text().splitlines() == ["converted"]  # the second process waited and reused it
     assert not [p for p in cache.iterdir() if ".tmp-" in p.name]
+
+
+def test_cpu_engines_claim_disjoint_cores_released_on_exit(tmp_path: Path) -> None:
+    """Two CPU engines on one node each bind to their own cores: a claim skips held cores, fails
+    whole (binding left to vLLM) when too few are free, and a killed holder frees its cores."""
+    from llmser_ray.llm.vllm_backend import claim_cores
+
+    cores = sorted(os.sched_getaffinity(0))
+    first, locks = claim_cores(1, tmp_path)
+    assert first == cores[:1] and len(locks) == 1
+    assert claim_cores(len(cores), tmp_path) == ([], [])  # one is held: not enough left
+    if len(cores) > 1:
+        second, locks2 = claim_cores(1, tmp_path)
+        assert second == cores[1:2]
+        for f in locks2:
+            f.close()
+    for f in locks:
+        f.close()
+    # A holder that dies (SIGKILL: no cleanup runs) releases its cores.
+    code = ("import time; from pathlib import Path; from llmser_ray.llm.vllm_backend import claim_cores\n"
+            f"c, held = claim_cores(1, Path({str(tmp_path)!r})); print(c, flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == str(cores[:1])
+        assert claim_cores(len(cores), tmp_path) == ([], [])
+    finally:
+        holder.kill()
+        holder.wait()
+    again, locks = claim_cores(1, tmp_path)
+    assert again == cores[:1]
+    for f in locks:
+        f.close()
+
+
+def test_cpu_bind_sets_vllms_binding_unless_the_user_did(monkeypatch, tmp_path: Path) -> None:
+    from llmser_ray.llm import vllm_backend
+
+    monkeypatch.setattr(vllm_backend.tempfile, "gettempdir", lambda: str(tmp_path))
+    seen = {}
+
+    class FakeLLM:  # the engine's constructor only: what matters is the env it starts under
+        def __init__(self, **kw: Any) -> None:
+            seen["bind"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+
+    import vllm
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.setattr(vllm_backend.VLLMBatch, "_watch_engine_processes", lambda self: None)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    cfg = LLMConfig(cpus_per_engine=1.0).model_dump(mode="json")
+    vllm_backend.VLLMBatch(cfg, "/nonexistent")._engine()
+    assert seen["bind"] == str(min(os.sched_getaffinity(0)))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    vllm_backend.VLLMBatch(cfg, "/nonexistent")._engine()
+    assert seen["bind"] == "nobind"
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    vllm_backend.VLLMBatch({**cfg, "cpu_bind": False}, "/nonexistent")._engine()
+    assert seen["bind"] is None

@@ -31,6 +31,7 @@ from llmser_ray.config import Config
 from llmser_ray.data.dataset import load_dataset, split_list_column
 from llmser_ray.errors import StageError
 from llmser_ray.io import atomic_dir, manifest_header, read_manifest, write_json
+from llmser_ray.pretrain import pretrained_dir
 
 SCHEMA_VERSION = 1
 STREAM_COLUMNS = ["user_id", "hidden_item", "arv_candidates", "picked_item", "raw_reply", "status",
@@ -132,17 +133,6 @@ def _skipped_rows(rows: pa.Table) -> pa.Table:
     })
 
 
-def _forward_model(cfg: Config) -> Path:
-    from llmser_ray.pretrain import plain_config
-    from llmser_ray.training import default_name, model_dir
-
-    folder = model_dir(cfg, default_name(plain_config(cfg, reverse=False)))
-    if read_manifest(folder) is None:
-        raise StageError(f"no forward-trained model in {folder}",
-                         "run `llmser-ray pretrain` with the same --workdir and config first")
-    return folder
-
-
 def validate(cfg: Config, force: bool = False) -> ValidateResult:
     import ray
 
@@ -157,7 +147,7 @@ def validate(cfg: Config, force: bool = False) -> ValidateResult:
     aug_manifest = read_manifest(aug_dir)
     if aug_manifest is None:
         raise StageError(f"no augmented dataset in {aug_dir}", "run `llmser-ray augment` first")
-    forward = _forward_model(cfg)
+    forward = pretrained_dir(cfg, reverse=False)
     emb = embed_items(cfg)
     a = cfg.augment
     arv_cfg = {k: getattr(a, k) for k in ("hide", "arv_candidates", "prompt_history")}

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 from llmser_ray.config import Config
 from llmser_ray.data.dataset import SeqDataset, load_dataset
-from llmser_ray.errors import StageError
 from llmser_ray.io import atomic_dir, manifest_header, read_manifest, write_json
+from llmser_ray.pretrain import pretrained_dir
 
 SCHEMA_VERSION = 1
 
@@ -44,17 +44,6 @@ def chosen_users(cfg: Config, ds: SeqDataset) -> np.ndarray:
     return users
 
 
-def _reverse_model(cfg: Config) -> Path:
-    from llmser_ray.pretrain import plain_config
-    from llmser_ray.training import default_name, model_dir
-
-    folder = model_dir(cfg, default_name(plain_config(cfg, reverse=True)))
-    if read_manifest(folder) is None:
-        raise StageError(f"no reverse-trained model in {folder}",
-                         "run `llmser-ray pretrain` with the same --workdir and config first")
-    return folder
-
-
 def candidates_digest(cfg: Config, ds: SeqDataset, reverse_dir: Path) -> str:
     a = cfg.augment
     payload = {"users": a.users, "max_users": a.max_users, "seed": a.seed, "k": a.num_candidates,
@@ -71,7 +60,7 @@ def generate_candidates(cfg: Config, force: bool = False) -> CandidatesResult:
     from llmser_ray.ray_utils import init_ray, iter_plain_batches, quiet_ray_data
 
     ds = load_dataset(cfg.workdir_path / "dataset")
-    reverse_dir = _reverse_model(cfg)
+    reverse_dir = pretrained_dir(cfg, reverse=True)
     out = cfg.workdir_path / "candidates"
     digest = candidates_digest(cfg, ds, reverse_dir)
     done = read_manifest(out)

@@ -17,16 +17,25 @@ Failure handling:
   therefore polls the engine's child processes and exits the actor the same way when one is gone.
 - An engine that cannot start at all is a configuration problem: it fails the job with a
   one-line ``ConfigError``.
+
+CPU engines and cores: vLLM-CPU binds its OpenMP threads itself ("auto": all cores of the first
+NUMA node but one, which it leaves to its scheduler process). Two engines on one node would then
+share the same cores and gain nothing. With ``llm.cpu_bind`` each engine instead claims its own
+``floor(cpus_per_engine)`` cores on its node (a lock file per core, released when the actor's
+process ends, so a restarted actor claims them again) and binds there; measured in docs/LLM.md.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from llmser_ray.config import LLMConfig
 from llmser_ray.errors import ConfigError
@@ -58,6 +67,29 @@ def engine_kwargs(cfg: LLMConfig, model_path: str) -> dict[str, Any]:
     return kw
 
 
+def claim_cores(n: int, lock_dir: Path | None = None) -> tuple[list[int], list[IO[str]]]:
+    """Claim ``n`` of the cores this process may run on, none of which another engine on this
+    node holds: an exclusive ``flock`` per core, held through the returned open files (the kernel
+    drops it when the process exits, even on SIGKILL). Returns ``([], [])`` when fewer than ``n``
+    are free; the caller then leaves the binding to vLLM."""
+    lock_dir = lock_dir or Path(tempfile.gettempdir()) / f"llmser-ray-cores-{os.getuid()}"
+    lock_dir.mkdir(mode=0o700, exist_ok=True)
+    held: list[tuple[int, IO[str]]] = []
+    for core in sorted(os.sched_getaffinity(0)):
+        f = open(lock_dir / f"core-{core}.lock", "a")  # noqa: SIM115 - held for the engine's life
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        held.append((core, f))
+        if len(held) == n:
+            return [c for c, _ in held], [f for _, f in held]
+    for _, f in held:
+        f.close()
+    return [], []
+
+
 def _cmdline(proc: Any) -> list[str]:
     try:
         return list(proc.cmdline())
@@ -84,6 +116,7 @@ class VLLMBatch(ReplyBatch):
         self.identity = f"vllm|{self.cfg.model}|{model_fingerprint(model_path)}"
         self._llm: Any = None
         self._busy = False  # a chat call is waiting on the engine (see _watch_engine_processes)
+        self._core_locks: list[IO[str]] = []
 
     # The engine starts on the first request the cache cannot answer.
     def _engine(self) -> Any:
@@ -92,6 +125,11 @@ class VLLMBatch(ReplyBatch):
         on_cpu = self.cfg.gpus_per_engine == 0
         if on_cpu:
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+            if self.cfg.cpu_bind and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                cores, self._core_locks = claim_cores(max(1, math.floor(self.cfg.cpus_per_engine)))
+                if cores:
+                    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+                    log.info("vLLM engine bound to cores %s", cores)
         # vLLM-CPU warns about optional accelerations (Triton, tcmalloc) on every start: keep
         # errors only unless the user asks for more (VLLM_LOGGING_LEVEL=WARNING or INFO).
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
