@@ -14,9 +14,10 @@ Constrained runs last, so the workdir ends with the method's default augmentatio
 weights: ``bench/quality_ablation.py`` with the same ``--workdir``, ``--epochs``, ``--max-users``
 reuses them (and the pretrained models) instead of asking the LLM again.
 
-``--engines 1,2,2:nobind`` measures instead the constrained SIA's users/s per vLLM engine layout,
-side by side (the first arm is the baseline of the ratios): ``2`` = two engines, each bound to its
-own core (``llm.cpu_bind``, the default); ``2:nobind`` = two engines left to vLLM's own binding.
+``--engines 1,2,2:nobind,1@2`` measures instead the constrained SIA's users/s per vLLM engine
+layout, side by side (the first arm is the baseline of the ratios): ``2`` = two engines, each bound
+to its own core (``llm.cpu_bind``, the default); ``2:nobind`` = two engines left to vLLM's own
+binding; ``1@2`` = one engine with ``llm.cpus_per_engine=2`` (its threads on both cores).
 
 Every timed stage runs with ``force`` and the LLM reply cache off, so a rerun measures again
 instead of reading cached replies. Tokens per user are printed too: they are what the GPU
@@ -123,12 +124,14 @@ def engine_layouts(args: argparse.Namespace, counts: dict[str, Any]) -> None:
 
     rows = []
     for arm in [a.strip() for a in args.engines.split(",") if a.strip()]:
-        n, _, mode = arm.partition(":")
+        layout, _, mode = arm.partition(":")
+        n, _, cpus = layout.partition("@")
         cfg = config(args, ["augment.grounding=constrained", f"llm.num_engines={int(n)}",
-                            f"llm.cpu_bind={mode != 'nobind'}"])
+                            f"llm.cpus_per_engine={float(cpus or 1)}", f"llm.cpu_bind={mode != 'nobind'}"])
         before = loadavg()
         s = augment(cfg, force=True).summary
-        row = {"arm": arm, "engines": int(n), "cpu_bind": mode != "nobind", "users": s["users"],
+        row = {"arm": arm, "engines": int(n), "cpus_per_engine": cfg.llm.cpus_per_engine,
+               "cpu_bind": mode != "nobind", "users": s["users"],
                "seconds": s["seconds"], "users_per_s": s["users_per_s"], "status": s["status"],
                "load_before": before, "load_after": loadavg()}
         row["ratio"] = row["users_per_s"] / rows[0]["users_per_s"] if rows else 1.0
