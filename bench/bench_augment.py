@@ -78,7 +78,7 @@ def main() -> None:
           f"forward test ndcg@10 {pre.forward.test['full']['overall']['ndcg@10']:.4f}; load {loadavg()}")
 
     if args.engines:
-        engine_layouts(args, counts)
+        engine_layouts(args, counts, base.llm.model)
         return
     figures: dict[str, Any] = {"users_sampled": args.users, "dataset": counts, "llm": base.llm.model,
                                "pretrain_epochs": args.pretrain_epochs, "sia": {}, "arv": None}
@@ -118,7 +118,7 @@ def main() -> None:
         print(f"figures: {args.out}")
 
 
-def engine_layouts(args: argparse.Namespace, counts: dict[str, Any]) -> None:
+def engine_layouts(args: argparse.Namespace, counts: dict[str, Any], llm: str) -> None:
     """Constrained SIA once per engine layout on the same users, engine start included."""
     from llmser_ray.augment.sia import augment
 
@@ -140,7 +140,7 @@ def engine_layouts(args: argparse.Namespace, counts: dict[str, Any]) -> None:
               f"engine start included), x{row['ratio']:.2f} of {rows[0]['arm']}; status {s['status']}; "
               f"load {before} -> {loadavg()}", flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"users_sampled": args.users, "dataset": counts, "llm": cfg.llm.model,
+        args.out.write_text(json.dumps({"users_sampled": args.users, "dataset": counts, "llm": llm,
                                         "engine_layouts": rows}, indent=2, default=str) + "\n")
         print(f"figures: {args.out}")
 

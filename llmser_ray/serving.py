@@ -797,12 +797,12 @@ def serve_env(sc: ServeConfig) -> dict[str, str]:
 
 
 def serve_process_ids(app: str = "llmser") -> dict[str, int]:
-    """PIDs of the Serve proxies (with HAProxy also the fallback proxy, HAProxy's backup while no
-    replica is up), the controller, ``app``'s replicas and the HAProxy children of the proxies on
-    this node (psutil reads the local process table), by role;
-    asked of the actors themselves, as other people's Serve processes on a shared machine carry
-    the same names. Serve restarts HAProxy on every config reload (the old one drains and exits),
-    so the ``haproxy-<pid>`` entries are a snapshot that may go stale."""
+    """PIDs by role: the Serve proxies (with HAProxy also the fallback proxy, HAProxy's backup
+    while no replica is up), the controller, ``app``'s replicas, and the HAProxy children of the
+    proxies on this node (psutil reads the local process table). Asked of the actors themselves,
+    as other people's Serve processes on a shared machine carry the same names. Serve restarts
+    HAProxy on every config reload (the old one drains and exits), so the ``haproxy-<pid>``
+    entries are a snapshot that may go stale."""
     import psutil
     import ray
 
