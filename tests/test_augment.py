@@ -5,12 +5,12 @@ Small inputs (a synthetic catalogue, a dozen users) keep each engine start the d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -117,27 +117,48 @@ def test_degenerate_users_without_candidates(tmp_path: Path, ray_local) -> None:
     assert len(table) == 4  # nobody lost
 
 
+# Loaded into the interrupted run only (through PYTHONPATH): the driver SIGKILLs itself right after
+# its second shard lands on disk. A kill from outside raced the stage: once the engine is up, the
+# twelve shards can arrive in one batch and be written, assembled and cleaned up between two polls.
+_KILL_AFTER_SHARDS = """
+import os, signal, sys
+if sys.argv[:1] == ["-m"] and "augment" in sys.argv:  # the driver, not its Ray workers
+    from llmser_ray.augment import shards
+
+    _write, _written = shards.ShardWriter._write, []
+
+    def _write_then_die(self, shard):
+        _write(self, shard)
+        _written.append(shard)
+        if len(_written) >= 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    shards.ShardWriter._write = _write_then_die
+"""
+
+
 def test_interrupted_augment_resumes_without_losing_or_redoing_users(workdir: Path, tmp_path: Path) -> None:
-    # One user per shard and per LLM call: 12 shards land one by one, so the kill falls mid-run
-    # even on an idle machine where the whole stage takes seconds once the engine is up.
+    # One user per shard and per LLM call: 12 shards, so the kill after two leaves ten to do.
     sets = [f"workdir={workdir}", *SMALL, "augment.shard_size=1", "augment.seed=7", "llm.batch_size=1"]
     cmd = [sys.executable, "-m", "llmser_ray", "augment", "--skip-validate"]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    hook = tmp_path / "kill_hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILL_AFTER_SHARDS)
+    killed_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=killed_env,
                             start_new_session=True)
+    proc.wait(timeout=900)
+    assert proc.returncode == -signal.SIGKILL, f"the run was not interrupted (exit {proc.returncode})"
+    # The local Ray it started (raylet, GCS, workers) dies with it, as with Ctrl-C on a job.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     partial = workdir / ".partial"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(partial.glob("augment-*/shard-*.parquet"))) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
     done_before = len(list(partial.glob("augment-*/shard-*.parquet")))
-    assert done_before >= 2
+    assert done_before == 2
+    assert not (workdir / "augmented" / "manifest.json").exists()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     summary = json.loads((workdir / "augmented" / "summary.json").read_text())
