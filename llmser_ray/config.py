@@ -393,6 +393,10 @@ class RayConfig(_Strict):
     num_cpus: float | None = None
     dashboard_host: str = "127.0.0.1"
     include_dashboard: bool = True
+    # A local Ray (no address) uses 127.0.0.1 as its node address, so its GCS, raylet, worker and
+    # agent ports listen on loopback only. False: on the machine's address, as Ray's own default
+    # does (only needed to let other machines join a cluster this command started).
+    loopback_only: bool = True
     # Ray Train / Tune storage (checkpoints, experiment state). None: under the workdir. On a
     # multi-node cluster: a path or URI every node reaches (NFS path, s3://bucket/x, gs://...).
     storage_path: str | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from llmser_ray.config import RayConfig
@@ -13,8 +14,8 @@ from llmser_ray.errors import ConfigError
 def init_ray(cfg: RayConfig, quiet: bool = False) -> str | None:
     """Start or join Ray once per process and return the dashboard URL (if any).
 
-    The local dashboard binds to ``cfg.dashboard_host`` (127.0.0.1 unless told otherwise) so
-    nothing is exposed beyond this machine by default.
+    Nothing of a local Ray is exposed beyond this machine by default: the dashboard binds to
+    ``cfg.dashboard_host`` and, with ``cfg.loopback_only``, every other port to 127.0.0.1.
     """
     import ray
 
@@ -26,12 +27,13 @@ def init_ray(cfg: RayConfig, quiet: bool = False) -> str | None:
         if cfg.address:
             ctx = ray.init(address=cfg.address, log_to_driver=True)
         else:
-            ctx = ray.init(
-                num_cpus=local_cpus(cfg),
-                include_dashboard=cfg.include_dashboard,
-                dashboard_host=cfg.dashboard_host,
-                log_to_driver=True,
-            )
+            with loopback_node(cfg.loopback_only):
+                ctx = ray.init(
+                    num_cpus=local_cpus(cfg),
+                    include_dashboard=cfg.include_dashboard,
+                    dashboard_host=cfg.dashboard_host,
+                    log_to_driver=True,
+                )
     except ConnectionError as e:
         raise ConfigError(
             f"cannot reach the Ray cluster at '{cfg.address}': {e}",
@@ -43,6 +45,40 @@ def init_ray(cfg: RayConfig, quiet: bool = False) -> str | None:
     if url and not quiet:
         print(f"[ray] dashboard: {url}", flush=True)
     return url
+
+
+# Ray's switch for "a cluster of this machine only" (its default on macOS and Windows): the node
+# address becomes 127.0.0.1, and every gRPC server of Ray (GCS, raylet, core workers) and its
+# agents then listen on loopback only. ``ray.init(_node_ip_address="127.0.0.1")`` does not do it:
+# Ray resolves a loopback address to the machine's own.
+_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def loopback_node(enabled: bool = True) -> Iterator[None]:
+    """Start a local Ray inside this block to keep all its ports on 127.0.0.1.
+
+    The processes ``ray.init`` starts (GCS, raylet, agents; the raylet's workers after them)
+    inherit the environment variable; this process read Ray's constant at import, so that is set
+    too. Both are restored afterwards: a later ``ray.init(address=...)`` in the same process must
+    advertise a reachable address to a remote cluster.
+    """
+    if not enabled:
+        yield
+        return
+    from ray._private import ray_constants
+
+    old_env, old_const = os.environ.get(_LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_const
+        if old_env is None:
+            os.environ.pop(_LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[_LOCAL_ONLY_ENV] = old_env
 
 
 def local_cpus(cfg: RayConfig) -> float:

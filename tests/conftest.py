@@ -8,9 +8,13 @@ import pytest
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray per test module, with more logical CPUs than cores so that fractional stage
-    actors and Ray Data's own tasks fit side by side on two cores (as the quickstart does)."""
+    actors and Ray Data's own tasks fit side by side on two cores (as the quickstart does), on
+    127.0.0.1 only as the commands' local Ray."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    from llmser_ray.ray_utils import loopback_node
+
+    with loopback_node():
+        ray.init(num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
