@@ -98,6 +98,7 @@ def ray_local():
     import ray
 
     from llmser_ray.config import ServeConfig
+    from llmser_ray.ray_utils import loopback_node
     from llmser_ray.serving import serve_env
 
     started = not ray.is_initialized()
@@ -106,7 +107,8 @@ def ray_local():
         saved = {k: os.environ.get(k) for k in flags}
         os.environ.update(flags)
         try:
-            ray.init(num_cpus=4, include_dashboard=False)
+            with loopback_node():  # as the local Ray of `llmser-ray serve`
+                ray.init(num_cpus=4, include_dashboard=False)
         finally:
             for k, v in saved.items():
                 if v is None:
