@@ -11,9 +11,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -117,47 +119,87 @@ def test_degenerate_users_without_candidates(tmp_path: Path, ray_local) -> None:
     assert len(table) == 4  # nobody lost
 
 
-# Loaded into the interrupted run only (through PYTHONPATH): the driver SIGKILLs itself right after
-# its second shard lands on disk. A kill from outside raced the stage: once the engine is up, the
-# twelve shards can arrive in one batch and be written, assembled and cleaned up between two polls.
-_KILL_AFTER_SHARDS = """
+# Loaded into the interrupted run only (through PYTHONPATH): right after its second shard lands on
+# disk the driver either SIGKILLs itself, or sends SIGINT to its whole process group, which is what
+# Ctrl-C in a terminal does. An interruption from outside raced the stage: once the engine is up,
+# the twelve shards can arrive in one batch and be written, published and cleaned up between two
+# polls.
+_INTERRUPT_AFTER_SHARDS = """
 import os, signal, sys
 if sys.argv[:1] == ["-m"] and "augment" in sys.argv:  # the driver, not its Ray workers
     from llmser_ray.augment import shards
 
     _write, _written = shards.ShardWriter._write, []
+    _how = os.environ["LLMSER_TEST_INTERRUPT"]
 
-    def _write_then_die(self, shard):
+    def _write_then_interrupt(self, shard):
         _write(self, shard)
         _written.append(shard)
-        if len(_written) >= 2:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if len(_written) == 2:
+            if _how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            else:
+                os.killpg(os.getpgid(0), signal.SIGINT)
 
-    shards.ShardWriter._write = _write_then_die
+    shards.ShardWriter._write = _write_then_interrupt
 """
 
 
-def test_interrupted_augment_resumes_without_losing_or_redoing_users(workdir: Path, tmp_path: Path) -> None:
-    # One user per shard and per LLM call: 12 shards, so the kill after two leaves ten to do.
-    sets = [f"workdir={workdir}", *SMALL, "augment.shard_size=1", "augment.seed=7", "llm.batch_size=1"]
+def _session_alive(sid: int) -> list[psutil.Process]:
+    """Live processes of a session: the driver's, and the GCS, raylet, agents and workers it
+    started (workers have process groups of their own, so the group would miss them)."""
+    alive = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+    return alive
+
+
+@pytest.mark.parametrize(("how", "seed"), [("kill", 7), ("ctrl-c", 8)])
+def test_interrupted_augment_resumes_without_losing_or_redoing_users(
+        workdir: Path, tmp_path: Path, how: str, seed: int) -> None:
+    # One user per shard and per LLM call: 12 shards, so the interruption after two leaves ten to
+    # do. Each variant samples its own 12 users (augment.seed), so neither finds the other's result.
+    sets = [f"workdir={workdir}", *SMALL, "augment.shard_size=1", f"augment.seed={seed}", "llm.batch_size=1"]
     cmd = [sys.executable, "-m", "llmser_ray", "augment", "--skip-validate"]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    hook = tmp_path / "kill_hook"
+    hook = tmp_path / "interrupt_hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_KILL_AFTER_SHARDS)
-    killed_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))}
+    (hook / "sitecustomize.py").write_text(_INTERRUPT_AFTER_SHARDS)
+    hooked_env = {**env, "LLMSER_TEST_INTERRUPT": how,
+                  "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))}
     # Earlier tests in this module publish their own augmentation into the same workdir.
     manifest = workdir / "augmented" / "manifest.json"
     published = manifest.read_bytes() if manifest.exists() else None
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=killed_env,
-                            start_new_session=True)
-    proc.wait(timeout=900)
-    assert proc.returncode == -signal.SIGKILL, f"the run was not interrupted (exit {proc.returncode})"
-    # The local Ray it started (raylet, GCS, workers) dies with it, as with Ctrl-C on a job.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=hooked_env, start_new_session=True)
+    _, err = proc.communicate(timeout=900)
+    if how == "kill":
+        assert proc.returncode == -signal.SIGKILL, f"not interrupted (exit {proc.returncode}): {err[-2000:]}"
+        # The local Ray it started (raylet, GCS, workers) dies with it, as with Ctrl-C on a job.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        # Ctrl-C: a one-line message, exit 130, and the local Ray it started shut down with it. The
+        # vLLM engine's worker process notices its parent's death on its own: ~25 s on a loaded
+        # 2-core machine.
+        assert proc.returncode == 130, f"exit {proc.returncode}: {err[-2000:]}"
+        assert "interrupted: rerun the same command to resume" in err
+        assert "Traceback" not in err
+        left = _session_alive(proc.pid)
+        for _ in range(90):
+            if not left:
+                break
+            time.sleep(1)
+            left = _session_alive(proc.pid)
+        names = [p.name() for p in left]
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        assert not names, f"processes left running after Ctrl-C: {names}"
     partial = workdir / ".partial"
     done_before = len(list(partial.glob("augment-*/shard-*.parquet")))
     assert done_before == 2
