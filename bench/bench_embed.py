@@ -22,6 +22,7 @@ from common import beauty_sets, loadavg
 from llmser_ray.config import EmbedConfig, load_config
 from llmser_ray.data.dataset import load_dataset
 from llmser_ray.data.prepare import prepare
+from llmser_ray.ray_utils import loopback_node
 from llmser_ray.text.embed import Embedder, embed_items
 
 
@@ -57,7 +58,8 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False)
+    with loopback_node():  # as the commands start a local Ray: every port on 127.0.0.1
+        ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "dataset").symlink_to(Path(args.workdir).resolve() / "dataset")
         cfg = load_config(None, [*base, f"workdir={tmp}", f"embed.num_actors={args.actors}",

@@ -24,6 +24,7 @@ from common import beauty_sets, loadavg
 from llmser_ray.config import EmbedConfig, FaissConfig, load_config
 from llmser_ray.data.dataset import load_dataset
 from llmser_ray.data.prepare import prepare
+from llmser_ray.ray_utils import loopback_node
 from llmser_ray.text.embed import Embedder
 from llmser_ray.text.faiss_index import FaissPool, ItemIndex
 
@@ -88,7 +89,8 @@ def allowed_sets(vectors: np.ndarray, n_queries: int, repeat: int) -> None:
 def pool(vectors: np.ndarray, n_queries: int, actors: int, threads: int) -> None:
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    with loopback_node():  # as the commands start a local Ray: every port on 127.0.0.1
+        ray.init(num_cpus=4, include_dashboard=False)
     cfg = FaissConfig(num_actors=actors, cpus_per_actor=0.5, threads=max(1, threads // actors))
     fp = FaissPool(vectors, cfg)
     q = vectors[1:n_queries + 1]

@@ -32,6 +32,7 @@ from llmser_ray.config import LLMConfig, load_config
 from llmser_ray.data.dataset import load_dataset
 from llmser_ray.data.prepare import prepare
 from llmser_ray.llm import generate_rows, resolve_llm
+from llmser_ray.ray_utils import loopback_node
 
 SYSTEM = "You are a shopping assistant. Answer with product names only."
 
@@ -222,7 +223,8 @@ def main() -> None:
               f"{r['tokens'] / r['gen_s']:.1f} tokens/s steady; {r['n'] / r['total_s']:.3f} prompts/s "
               f"end to end; CPU {r['cpu_s'] / r['n']:.1f}s/prompt, {r['tokens'] / r['cpu_s']:.1f} tokens "
               f"per CPU-second; {load()}", flush=True)
-    ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False)
+    with loopback_node():  # as the commands start a local Ray: every port on 127.0.0.1
+        ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False)
     if "pool" not in args.skip:
         r = pool(cfg, prompts)
         results["pool"] = r

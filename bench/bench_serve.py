@@ -358,6 +358,7 @@ def main() -> None:
             bare.terminate()
             bare.wait(timeout=30)
 
+    from llmser_ray.ray_utils import loopback_node
     from llmser_ray.serving import serve_env, serve_process_ids
 
     result["serve_env"] = args.serve_env
@@ -368,7 +369,8 @@ def main() -> None:
         for kv in args.serve_env:  # extra Serve flags, inherited by every Ray process
             key, _, value = kv.partition("=")
             os.environ[key] = value
-        ray.init(num_cpus=cfg.ray.num_cpus or 4, include_dashboard=False)
+        with loopback_node():  # as `llmser-ray serve` starts its local Ray: every port on 127.0.0.1
+            ray.init(num_cpus=cfg.ray.num_cpus or 4, include_dashboard=False)
         try:
             url = serve(icfg, blocking=False)
             health = wait_up(url)
