@@ -122,6 +122,22 @@ def plain_column(values: Any) -> Any:
     return pa.array(arr)
 
 
+def from_arrow_blocks(table: Any, blocks: int) -> Any:
+    """A Ray Dataset of ``table`` cut into ``blocks`` contiguous blocks, made in the driver.
+
+    Not ``from_arrow(table).repartition(blocks)``: a repartition is an all-to-all step whose split
+    tasks each need a whole free CPU, and the stages' actor pools (the vLLM engine, FAISS, the
+    scorers) are started first and may leave less than one: ARV with ``llm.cpus_per_engine=2``
+    on a 4-CPU local Ray waited forever there.
+    """
+    import numpy as np
+    import ray.data
+
+    n = max(1, min(int(blocks), table.num_rows))
+    bounds = np.linspace(0, table.num_rows, n + 1).astype(int)
+    return ray.data.from_arrow([table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+
+
 def iter_plain_batches(ds: Any, batch_size: int | None = None) -> Iterator[Any]:
     """Stream a Ray Dataset back to the driver as plain ``pyarrow.Table`` batches."""
     import pyarrow as pa

@@ -138,7 +138,7 @@ def validate(cfg: Config, force: bool = False) -> ValidateResult:
 
     from llmser_ray.augment.scoring import TopKScorer
     from llmser_ray.llm import generate
-    from llmser_ray.ray_utils import init_ray, iter_plain_batches, quiet_ray_data
+    from llmser_ray.ray_utils import from_arrow_blocks, init_ray, iter_plain_batches, quiet_ray_data
     from llmser_ray.text.embed import embed_items, load_item_vectors
     from llmser_ray.text.faiss_index import FaissPool
 
@@ -188,7 +188,7 @@ def validate(cfg: Config, force: bool = False) -> ValidateResult:
         texts = ray.put(ds.item_text)
         pool = FaissPool(load_item_vectors(emb.path), cfg.faiss)
         blocks = max(1, min(pending.num_rows // max(cfg.llm.batch_size, 1) + 1, 64))
-        scored = ray.data.from_arrow(pending).repartition(blocks).map_batches(
+        scored = from_arrow_blocks(pending, blocks).map_batches(
             TopKScorer, fn_constructor_kwargs={"model_dir": str(forward), "k": a.arv_candidates},
             compute=ray.data.ActorPoolStrategy(size=a.scorer_actors), num_cpus=a.scorer_cpus,
             num_gpus=a.scorer_gpus or None, batch_size=a.scorer_batch_size)

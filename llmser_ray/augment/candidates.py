@@ -57,7 +57,7 @@ def generate_candidates(cfg: Config, force: bool = False) -> CandidatesResult:
     import ray
 
     from llmser_ray.augment.scoring import TopKScorer
-    from llmser_ray.ray_utils import init_ray, iter_plain_batches, quiet_ray_data
+    from llmser_ray.ray_utils import from_arrow_blocks, init_ray, iter_plain_batches, quiet_ray_data
 
     ds = load_dataset(cfg.workdir_path / "dataset")
     reverse_dir = pretrained_dir(cfg, reverse=True)
@@ -84,7 +84,7 @@ def generate_candidates(cfg: Config, force: bool = False) -> CandidatesResult:
         quiet_ray_data()
         a = cfg.augment
         blocks = max(1, min(len(users) // a.scorer_batch_size + 1, 4 * a.scorer_actors))
-        scored = ray.data.from_arrow(table).repartition(blocks).map_batches(
+        scored = from_arrow_blocks(table, blocks).map_batches(
             TopKScorer, fn_constructor_kwargs={"model_dir": str(reverse_dir), "k": a.num_candidates},
             compute=ray.data.ActorPoolStrategy(size=a.scorer_actors), num_cpus=a.scorer_cpus,
             num_gpus=a.scorer_gpus or None, batch_size=a.scorer_batch_size)

@@ -218,7 +218,7 @@ def augment(cfg: Config, force: bool = False, candidates_only: bool = False) -> 
     import ray
 
     from llmser_ray.llm import generate
-    from llmser_ray.ray_utils import init_ray, iter_plain_batches, quiet_ray_data
+    from llmser_ray.ray_utils import from_arrow_blocks, init_ray, iter_plain_batches, quiet_ray_data
 
     cand = generate_candidates(cfg, force=force)
     out = cfg.workdir_path / "augmented"
@@ -258,7 +258,7 @@ def augment(cfg: Config, force: bool = False, candidates_only: bool = False) -> 
 
             pool = FaissPool(load_item_vectors(cfg.workdir_path), cfg.faiss)
         blocks = max(1, min(pending.num_rows // max(cfg.llm.batch_size, 1) + 1, 64))
-        requests = ray.data.from_arrow(pending).repartition(blocks).map_batches(
+        requests = from_arrow_blocks(pending, blocks).map_batches(
             SelectionPrompter, fn_constructor_kwargs={"texts": texts, "n": a.ask_items,
                                                       "prompt_history": a.prompt_history,
                                                       "grounding": a.grounding},
