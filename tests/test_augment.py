@@ -159,6 +159,12 @@ def _session_alive(sid: int) -> list[psutil.Process]:
     return alive
 
 
+def _kill_all(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
 @pytest.mark.parametrize(("how", "seed"), [("kill", 7), ("ctrl-c", 8)])
 def test_interrupted_augment_resumes_without_losing_or_redoing_users(
         workdir: Path, tmp_path: Path, how: str, seed: int) -> None:
@@ -182,9 +188,9 @@ def test_interrupted_augment_resumes_without_losing_or_redoing_users(
     _, err = proc.communicate(timeout=900)
     if how == "kill":
         assert proc.returncode == -signal.SIGKILL, f"not interrupted (exit {proc.returncode}): {err[-2000:]}"
-        # The local Ray it started (raylet, GCS, workers) dies with it, as with Ctrl-C on a job.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        # The local Ray it started dies with it, as with Ctrl-C on a job: the whole session, since
+        # the Ray Data actors and the vLLM engine's processes have process groups of their own.
+        _kill_all(_session_alive(proc.pid))
     else:
         # Ctrl-C: a one-line message, exit 130, and the local Ray it started shut down with it. The
         # vLLM engine's worker process notices its parent's death on its own: ~25 s on a loaded
@@ -199,9 +205,7 @@ def test_interrupted_augment_resumes_without_losing_or_redoing_users(
             time.sleep(1)
             left = _session_alive(proc.pid)
         names = [p.name() for p in left]
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        _kill_all(left)
         assert not names, f"processes left running after Ctrl-C: {names}"
     partial = workdir / ".partial"
     done_before = len(list(partial.glob("augment-*/shard-*.parquet")))
