@@ -14,6 +14,8 @@ after every model, so they always show what has finished.
 
     nohup .venv/bin/python bench/quality_ablation.py > runs/ablation.log 2>&1 &
     .venv/bin/python bench/quality_ablation.py --aggregate-only
+    # two trainings at a time (each uses one core: train.torch_threads=1, one Ray Train worker)
+    .venv/bin/python bench/quality_ablation.py --jobs 2
     # a budget on two cores: a sample of the tail users gets LLM augmentation, fewer epochs
     .venv/bin/python bench/quality_ablation.py --max-users 2000 --epochs 60 --patience 10
 """
@@ -23,8 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +112,40 @@ def aggregate(args: argparse.Namespace, results: dict[str, dict[str, Any]], extr
     print("\n".join(lines))
 
 
+def run_parallel(args: argparse.Namespace, jobs: list[tuple[int, str]],
+                 after_each: Callable[[], object]) -> None:
+    """Each (seed, variant) in a child process of this script, ``args.jobs`` at a time.
+
+    Separate processes, not threads: every training starts its own local Ray and sets torch's
+    thread count process-wide. A child's log goes to ``<workdir>/ablation-logs/``; a failed
+    child fails the run once the others finished (their models are kept, a rerun resumes)."""
+    logs = Path(args.workdir) / "ablation-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    # Every setting of this run, derived from args so that a new option reaches the children too.
+    own = {"seeds", "variants", "jobs", "child", "aggregate_only"}
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                   if k not in own and v is not None]
+    lock = threading.Lock()
+
+    def one(job: tuple[int, str]) -> int:
+        s, v = job
+        t0 = time.perf_counter()
+        log(f"seed {s}: {v} (log: {logs / f's{s}-{v}.log'})")
+        with open(logs / f"s{s}-{v}.log", "a") as out:
+            rc = subprocess.call([sys.executable, __file__, *passthrough, f"--seeds={s}", f"--variants={v}",
+                                  "--child"], stdout=out, stderr=subprocess.STDOUT)
+        status = "done" if rc == 0 else f"FAILED (exit {rc})"
+        log(f"seed {s}: {v} {status} in {time.perf_counter() - t0:.0f} s")
+        with lock:  # the tables are rebuilt from every finished model; one writer at a time
+            after_each()
+        return rc
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        failed = [job for job, rc in zip(jobs, pool.map(one, jobs), strict=True) if rc != 0]
+    if failed:
+        sys.exit(f"ablation: {len(failed)} training(s) failed: {failed}; see {logs}, then rerun to resume")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default="runs/ablation-beauty")
@@ -121,7 +161,13 @@ def main() -> None:
                     help="LLM-augment a seeded sample of this many tail users (default: all)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--aggregate-only", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="trainings run at once, each in its own process and local Ray (one core each)")
+    # Internal: a --jobs child trains exactly its seed and variant, skipping upstream and tables.
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v for v in args.variants.split(",") if v]
@@ -139,6 +185,12 @@ def main() -> None:
                 if (model_dir(config(args, s), name) / "manifest.json").is_file() and m.is_file():
                     results[f"{v}-s{s}"] = json.loads(m.read_text())["test"]
 
+    if args.child:
+        for s in seeds:
+            for v in variants:
+                run_variant(args, s, v)
+        return
+
     if not args.aggregate_only:
         from llmser_ray.pipeline import upstream
 
@@ -149,14 +201,17 @@ def main() -> None:
                          "seconds": time.perf_counter() - t0}
         (Path(args.workdir) / "upstream.json").write_text(json.dumps(upstream_info, indent=2, default=str))
         log(f"upstream done in {upstream_info['seconds']:.0f} s")
-        for s in seeds:
-            for v in variants:
+        jobs = [(s, v) for s in seeds for v in variants]
+        if args.jobs == 1:
+            for s, v in jobs:
                 t0 = time.perf_counter()
                 log(f"seed {s}: {v}")
                 run_variant(args, s, v)
                 log(f"seed {s}: {v} done in {time.perf_counter() - t0:.0f} s")
                 collect()
                 aggregate(args, results, upstream_info)
+        else:
+            run_parallel(args, jobs, lambda: (collect(), aggregate(args, results, upstream_info)))
     up_file = Path(args.workdir) / "upstream.json"
     if up_file.is_file():
         upstream_info = json.loads(up_file.read_text())
