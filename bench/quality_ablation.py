@@ -65,16 +65,19 @@ def model_name(args: argparse.Namespace, seed: int, variant: str) -> str:
     return f"sasrec-{variant}-s{seed}"
 
 
-def run_variant(args: argparse.Namespace, seed: int, variant: str) -> dict[str, Any]:
+def variant_config(args: argparse.Namespace, seed: int, variant: str) -> Any:
     from llmser_ray.pretrain import plain_config
-    from llmser_ray.training import train
 
     if variant == "baseline":
-        cfg = plain_config(config(args, seed), reverse=False)
-    else:
-        source = "llm" if variant == "llmser" else "candidates"
-        cfg = config(args, seed, ["dual.enabled=true", f"dual.pseudo_source={source}"])
-    return train(cfg, name=model_name(args, seed, variant)).test
+        return plain_config(config(args, seed), reverse=False)
+    source = "llm" if variant == "llmser" else "candidates"
+    return config(args, seed, ["dual.enabled=true", f"dual.pseudo_source={source}"])
+
+
+def run_variant(args: argparse.Namespace, seed: int, variant: str) -> dict[str, Any]:
+    from llmser_ray.training import train
+
+    return train(variant_config(args, seed, variant), name=model_name(args, seed, variant)).test
 
 
 def aggregate(args: argparse.Namespace, results: dict[str, dict[str, Any]], extra: dict[str, Any]) -> None:
@@ -172,18 +175,22 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v for v in args.variants.split(",") if v]
 
-    from llmser_ray.training import model_dir
+    from llmser_ray.training import finished_metrics, model_dir
 
     results: dict[str, Any] = {}
     upstream_info: dict[str, Any] = {}
 
     def collect() -> None:
+        """Every model finished under THIS run's config; a stale one (other epochs, another
+        augmentation) is left out of the table, not reported as this config's result."""
         for s in seeds:
             for v in VARIANTS:
-                name = model_name(args, s, v)
-                m = model_dir(config(args, s), name) / "metrics.json"
-                if (model_dir(config(args, s), name) / "manifest.json").is_file() and m.is_file():
-                    results[f"{v}-s{s}"] = json.loads(m.read_text())["test"]
+                cfg = variant_config(args, s, v)
+                metrics = finished_metrics(cfg, model_dir(cfg, model_name(args, s, v)))
+                if metrics is not None:
+                    results[f"{v}-s{s}"] = metrics["test"]
+                else:
+                    results.pop(f"{v}-s{s}", None)
 
     if args.child:
         for s in seeds:

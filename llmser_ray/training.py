@@ -377,6 +377,19 @@ def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
     return key
 
 
+def finished_metrics(cfg: Config, folder: str | Path) -> dict[str, Any] | None:
+    """``metrics.json`` of a complete model in ``folder`` trained with exactly ``cfg`` (same run
+    key: config, dataset and augmentation), else None. A model left by another config is stale:
+    reporting it as this config's result would mislabel a table."""
+    folder = Path(folder)
+    done = read_manifest(folder)
+    dataset = read_manifest(cfg.workdir_path / "dataset")
+    if not done or dataset is None or done.get("run_key") != _run_key(cfg, dataset):
+        return None
+    metrics = folder / "metrics.json"
+    return json.loads(metrics.read_text()) if metrics.is_file() else None
+
+
 def load_trained(folder: str | Path) -> tuple[SeqRecModel, dict[str, Any]]:
     """Rebuild a trained model from ``<model_dir>/best`` (safetensors + JSON, no pickle)."""
     best = Path(folder) / "best"
@@ -436,9 +449,8 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
         load_augmentation(cfg, ds)
     out = out_dir or model_dir(cfg, name)
     key = _run_key(cfg, ds.manifest)
-    done = read_manifest(out)
-    if done and done.get("run_key") == key and not force:
-        metrics = json.loads((out / "metrics.json").read_text())
+    metrics = None if force else finished_metrics(cfg, out)
+    if metrics is not None:
         return TrainResult(out, True, metrics["best_epoch"], metrics["valid"], metrics["test"])
 
     init_ray(cfg.ray)

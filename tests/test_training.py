@@ -16,7 +16,13 @@ import pytest
 from llmser_ray.config import Config, load_config
 from llmser_ray.data.dataset import load_dataset
 from llmser_ray.data.prepare import prepare
-from llmser_ray.training import load_trained, train, training_sequences, validation_split
+from llmser_ray.training import (
+    finished_metrics,
+    load_trained,
+    train,
+    training_sequences,
+    validation_split,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BEAUTY = SHARED / "amazon_beauty_2014_5core"
@@ -81,6 +87,10 @@ def test_train_sasrec_on_beauty_writes_complete_outputs(ray_local, beauty_dir: P
 
     again = train(cfg)
     assert again.skipped and again.best_epoch == res.best_epoch
+    # The folder's model is this config's result, and only this config's: another epoch budget
+    # is a different run, so its tables must not report this model.
+    assert finished_metrics(cfg, out)["best_epoch"] == res.best_epoch
+    assert finished_metrics(_beauty(beauty_dir, ["train.epochs=4", "model.backbone=sasrec"]), out) is None
 
 
 def test_ddp_two_workers_gru4rec(ray_local, beauty_dir: Path) -> None:
