@@ -39,6 +39,8 @@ from common import BEAUTY, beauty_sets, loadavg
 VARIANTS = ("baseline", "candidates", "llmser")
 GROUPS = ("overall", "tail_user", "head_user", "tail_item", "head_item")
 HEADLINE = ("ndcg@10", "hr@10")
+# How an invocation runs, not what it measures: neither passed to --jobs children nor recorded.
+INVOCATION = ("jobs", "child", "aggregate_only")
 
 
 def log(text: str) -> None:
@@ -108,8 +110,7 @@ def welch_lines(results: dict[str, dict[str, Any]], protocol: str, out: dict[str
 
 def aggregate(args: argparse.Namespace, results: dict[str, dict[str, Any]], extra: dict[str, Any]) -> None:
     """Mean and sample std over finished seeds; the change of each variant against the baseline."""
-    # What the numbers depend on; how this invocation ran (--jobs, --aggregate-only) is left out.
-    settings = {k: v for k, v in vars(args).items() if k not in ("jobs", "child", "aggregate_only")}
+    settings = {k: v for k, v in vars(args).items() if k not in INVOCATION}
     out: dict[str, Any] = {"settings": settings | {"data": str(args.data)}, "upstream": extra,
                            "runs": results, "mean": {}}
     lines = [f"# Ablation on Amazon Beauty, SASRec (max_len {args.max_len}, epochs <= {args.epochs}, "
@@ -153,7 +154,7 @@ def run_parallel(args: argparse.Namespace, jobs: list[tuple[int, str]],
     logs = Path(args.workdir) / "ablation-logs"
     logs.mkdir(parents=True, exist_ok=True)
     # Every setting of this run, derived from args so that a new option reaches the children too.
-    own = {"seeds", "variants", "jobs", "child", "aggregate_only"}
+    own = {"seeds", "variants", *INVOCATION}
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                    if k not in own and v is not None]
     lock = threading.Lock()

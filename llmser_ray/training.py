@@ -377,17 +377,20 @@ def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
     return key
 
 
+def _finished(folder: Path, key: str) -> dict[str, Any] | None:
+    done = read_manifest(folder)
+    metrics = folder / "metrics.json"
+    if not done or done.get("run_key") != key or not metrics.is_file():
+        return None
+    return json.loads(metrics.read_text())
+
+
 def finished_metrics(cfg: Config, folder: str | Path) -> dict[str, Any] | None:
     """``metrics.json`` of a complete model in ``folder`` trained with exactly ``cfg`` (same run
     key: config, dataset and augmentation), else None. A model left by another config is stale:
     reporting it as this config's result would mislabel a table."""
-    folder = Path(folder)
-    done = read_manifest(folder)
     dataset = read_manifest(cfg.workdir_path / "dataset")
-    if not done or dataset is None or done.get("run_key") != _run_key(cfg, dataset):
-        return None
-    metrics = folder / "metrics.json"
-    return json.loads(metrics.read_text()) if metrics.is_file() else None
+    return None if dataset is None else _finished(Path(folder), _run_key(cfg, dataset))
 
 
 def load_trained(folder: str | Path) -> tuple[SeqRecModel, dict[str, Any]]:
@@ -449,7 +452,7 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
         load_augmentation(cfg, ds)
     out = out_dir or model_dir(cfg, name)
     key = _run_key(cfg, ds.manifest)
-    metrics = None if force else finished_metrics(cfg, out)
+    metrics = None if force else _finished(out, key)
     if metrics is not None:
         return TrainResult(out, True, metrics["best_epoch"], metrics["valid"], metrics["test"])
 
