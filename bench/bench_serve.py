@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -40,13 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from llmser_ray.ports import pick_port
+
 SEED = 1234
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ----------------------------------------------------------------------------- load generator
@@ -329,7 +324,7 @@ def main() -> None:
     from llmser_ray.config import load_config
     from llmser_ray.serving import serve
 
-    bare_port, serve_port = free_port(), free_port()
+    bare_port, serve_port = pick_port(), pick_port()
     cfg = load_config(args.config, [f"workdir={args.workdir}", *args.set, f"serve.port={serve_port}",
                                     f"serve.num_replicas={args.replicas}"])
     result: dict[str, Any] = {
@@ -358,19 +353,18 @@ def main() -> None:
             bare.terminate()
             bare.wait(timeout=30)
 
-    from llmser_ray.ray_utils import loopback_node
-    from llmser_ray.serving import serve_env, serve_process_ids
+    from llmser_ray.serving import serve_process_ids, start_local_serve
 
     result["serve_env"] = args.serve_env
     for ingress in args.ingress:
         # Serve reads its ingress flags when Ray starts: a fresh local Ray per ingress.
         icfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"ingress": ingress})})
-        os.environ.update(serve_env(icfg.serve))
         for kv in args.serve_env:  # extra Serve flags, inherited by every Ray process
             key, _, value = kv.partition("=")
             os.environ[key] = value
-        with loopback_node():  # as `llmser-ray serve` starts its local Ray: every port on 127.0.0.1
-            ray.init(num_cpus=cfg.ray.num_cpus or 4, include_dashboard=False)
+        # As `llmser-ray serve` starts its local Ray and Serve (loopback only, robust ports).
+        start_local_serve(icfg.model_copy(update={"ray": icfg.ray.model_copy(
+            update={"num_cpus": cfg.ray.num_cpus or 4, "include_dashboard": False})}))
         try:
             url = serve(icfg, blocking=False)
             health = wait_up(url)

@@ -356,7 +356,17 @@ class ServeConfig(_Strict):
     """``llmser-ray serve``: the trained recommender behind Ray Serve."""
 
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    # 0: any free port outside the kernel's ephemeral range (printed at start; on a cluster whose
+    # Serve already runs, its port).
+    port: int = Field(8000, ge=0, le=65535)
+    # HAProxy's stats page and Prometheus exporter (serve.ingress=haproxy). 0: an owner-only unix
+    # socket beside HAProxy's admin socket (stats.sock, prometheus.sock), no TCP port; N: TCP
+    # port N on serve.host. Serve itself uses neither.
+    stats_port: int = Field(0, ge=0, le=65535)
+    metrics_port: int = Field(0, ge=0, le=65535)
+    # Serve's fallback proxy (HAProxy's backup server while no replica is up). 0: a free port
+    # outside the ephemeral range, picked again if it is taken while Ray starts.
+    fallback_port: int = Field(0, ge=0, le=65535)
     # haproxy: Ray Serve's throughput-optimised path (HAProxy on host:port balancing straight to
     # the replicas' own HTTP servers, "direct ingress"); proxy: Serve's classic Python HTTP proxy,
     # which forwards each request to a replica over an actor call. Measured on two cores: ~5x the

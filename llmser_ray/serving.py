@@ -31,7 +31,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -51,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from ray import serve as ray_serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmser_ray import ports
 from llmser_ray.config import Config, DualConfig, ServeConfig, load_config
 from llmser_ray.data.dataset import SeqDataset, load_dataset
 from llmser_ray.data.padding import pad_left
@@ -773,13 +773,15 @@ def serve_env(sc: ServeConfig) -> dict[str, str]:
     """Environment variables the Ray processes need for ``sc.ingress`` (``serve.*`` config).
 
     Serve reads its ingress flags when its processes start, so they must be in the environment
-    before Ray starts: ``serve`` sets them for the local Ray it starts; a cluster sets them on
-    every node (cluster/ configs do). ``haproxy`` = Serve's throughput-optimised mode (direct
-    ingress to the replicas, HAProxy in front, user code on the replica's event loop) with our
-    ``llmser-ray-haproxy`` wrapper, which keeps HAProxy's stats and metrics listeners on
-    ``sc.host`` (serve_haproxy.py); their ports and the fallback proxy's (HAProxy's backup
-    server while no replica is up) are picked free here, so that two deployments on one
-    machine do not collide.
+    before Ray starts: ``start_local_serve`` sets them for the local Ray it starts; a cluster sets
+    them on every node (cluster/ configs do). ``haproxy`` = Serve's throughput-optimised mode
+    (direct ingress to the replicas, HAProxy in front, user code on the replica's event loop)
+    with our ``llmser-ray-haproxy`` wrapper, which keeps HAProxy's listeners on ``sc.host`` and
+    puts its stats page and Prometheus exporter on unix sockets unless a TCP port is asked for
+    (serve_haproxy.py). The fallback proxy's port (HAProxy's backup server while no replica is
+    up) is picked outside the ephemeral range each call, so two deployments on one machine do
+    not collide and Ray's own connections cannot take it (ports.py). Explicit ports are used as
+    given (``check_explicit_ports`` runs where Ray starts: ``start_local_serve``).
     """
     if sc.ingress != "haproxy":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
@@ -789,11 +791,77 @@ def serve_env(sc: ServeConfig) -> dict[str, str]:
         raise ConfigError(f"serve.ingress=haproxy needs the llmser-ray-haproxy script in {wrapper.parent}",
                           "reinstall the package (`make install` or `pip install -e .`), or "
                           "set serve.ingress=proxy")
-    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-            "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper), "LLMSER_HAPROXY_BIND": sc.host,
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(sc.host)),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(sc.host)),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port(sc.host))}
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+           "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper), "LLMSER_HAPROXY_BIND": sc.host,
+           "LLMSER_HAPROXY_UNIX_LISTENERS": ",".join(
+               name for name, port in (("stats", sc.stats_port), ("prometheus", sc.metrics_port))
+               if not port),
+           "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(sc.fallback_port or ports.pick_port(sc.host))}
+    if sc.stats_port:
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(sc.stats_port)
+    if sc.metrics_port:
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(sc.metrics_port)
+    return env
+
+
+_EXPLICIT_PORTS = (("port", "--port N (or --set serve.port=N; 0 picks a free one)"),
+                   ("stats_port", "--set serve.stats_port=N (0: a unix socket)"),
+                   ("metrics_port", "--set serve.metrics_port=N (0: a unix socket)"),
+                   ("fallback_port", "--set serve.fallback_port=N (0 picks a free one)"))
+
+
+def check_explicit_ports(sc: ServeConfig) -> None:
+    """A ``ConfigError`` naming the first port the user set that cannot be bound on ``sc.host``."""
+    for key, how in _EXPLICIT_PORTS:
+        port = getattr(sc, key)
+        if key != "port" and sc.ingress != "haproxy":
+            continue
+        if port and not ports.port_free(sc.host, port):
+            raise ConfigError(f"serve.{key}: port {port} on {sc.host} is already in use",
+                              f"stop what listens there or pick another with {how}")
+
+
+def _bind_failure(e: BaseException) -> bool:
+    text = str(e).lower()
+    return any(s in text for s in ("address already in use", "cannot bind", "failed to bind", "errno 98"))
+
+
+def start_local_serve(cfg: Config, attempts: int = 3, log: Callable[[str], None] | None = None) -> None:
+    """Start this process's local Ray with Serve's ingress flags, and Serve's HTTP ingress on it.
+
+    The one start that ``serve`` and the serving tests share. The ports are checked when picked
+    and lie outside the ephemeral range, but another process may still bind one before HAProxy
+    or the fallback proxy does; Serve then fails to start within seconds (HAProxy "cannot bind
+    socket", the proxy "address already in use"). Such a start is torn down and retried with
+    freshly picked ports; a port the user set is never replaced: its conflict is a
+    ``ConfigError`` naming it.
+    """
+    import ray
+
+    from llmser_ray.ray_utils import init_ray
+
+    say = log or (lambda text: print(text, flush=True))
+    sc = cfg.serve
+    for attempt in range(1, attempts + 1):
+        live = sc if sc.port else sc.model_copy(update={"port": ports.pick_port(sc.host)})
+        check_explicit_ports(sc)
+        os.environ.update(serve_env(live))  # Serve's processes read these when Ray starts them
+        init_ray(cfg.ray)
+        try:
+            ray_serve.start(http_options={"host": live.host, "port": live.port})
+            return
+        except Exception as e:
+            if not _bind_failure(e):
+                raise
+            reason = str(e).strip().splitlines()[-1][:200]
+            ray_serve.shutdown()
+            ray.shutdown()
+            check_explicit_ports(sc)
+            if attempt == attempts:
+                raise StageError(f"Serve could not bind its ports in {attempts} tries: {reason}",
+                                 "free some ports on this machine, or set serve.port, "
+                                 "serve.fallback_port to free ones") from None
+            say(f"[serve] a port was taken while Serve started ({reason}); retrying with fresh ports")
 
 
 def serve_process_ids(app: str = "llmser") -> dict[str, int]:
@@ -941,26 +1009,6 @@ def bare_app(cfg: Config) -> FastAPI:
     return build_api(state, score, candidates, f"llmser-ray (bare): {state.model_name}")
 
 
-def _tcp_socket(host: str) -> socket.socket:
-    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-
-
-def _free_port(host: str) -> int:
-    with _tcp_socket(host) as s:
-        s.bind((host if host not in ("0.0.0.0", "::") else ("::1" if ":" in host else "127.0.0.1"), 0))
-        return int(s.getsockname()[1])
-
-
-def _port_free(host: str, port: int) -> bool:
-    with _tcp_socket(host) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def _preflight(cfg: Config) -> None:
     """Fail fast, in one line, on what the replicas would otherwise fail on after a long start."""
     deployment_options(cfg)
@@ -1003,19 +1051,17 @@ def serve(cfg: Config, *, blocking: bool = True, app_name: str = APP_NAME,
                           "pass --address of a running cluster (`ray start --head`), or drop --no-blocking")
     if local or cfg.workdir_path.is_dir():
         _preflight(cfg)
-    if owns_ray and not _port_free(sc.host, sc.port):
-        raise ConfigError(f"port {sc.port} on {sc.host} is already in use",
-                          "pick another with --port N (or --set serve.port=N)")
     if sc.host not in ("127.0.0.1", "localhost", "::1"):
         say(f"[serve] note: listening on {sc.host}, reachable from other machines")
-    if owns_ray:  # Serve's processes read their ingress flags from the environment Ray starts with
-        os.environ.update(serve_env(sc))
-    init_ray(cfg.ray)
-    ray_serve.start(http_options={"host": sc.host, "port": sc.port})
+    if owns_ray:
+        start_local_serve(cfg, log=say)
+    else:
+        init_ray(cfg.ray)
+        ray_serve.start(http_options={"host": sc.host, "port": sc.port or ports.pick_port(sc.host)})
     from ray.serve.context import _get_global_client
 
     running = _get_global_client().http_config
-    if (running.host, int(running.port)) != (sc.host, sc.port):
+    if running.host != sc.host or (sc.port and int(running.port) != sc.port):
         raise ConfigError(f"Ray Serve already runs on this cluster at {running.host}:{running.port}",
                           f"serve there with --port {running.port} --host {running.host}, or stop it "
                           "first (`serve shutdown`)")
@@ -1025,7 +1071,7 @@ def serve(cfg: Config, *, blocking: bool = True, app_name: str = APP_NAME,
     except RuntimeError as e:
         raise StageError(f"the deployment failed to start: {str(e).strip().splitlines()[-1]}",
                          "read the replica error above (or in the Ray logs), fix it and rerun") from None
-    url = f"http://{'[' + sc.host + ']' if ':' in sc.host else sc.host}:{sc.port}"
+    url = f"http://{'[' + sc.host + ']' if ':' in sc.host else sc.host}:{int(running.port)}"
     ingress = _ingress_of(url)
     say(f"[serve] {app_name} up in {time.perf_counter() - t0:.1f}s: {url}  "
         f"(POST {url}/recommend, docs {url}/docs; ingress {ingress})")

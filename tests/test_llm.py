@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from llmser_ray.data.prepare import prepare
 from llmser_ray.errors import ConfigError
 from llmser_ray.llm import generate, generate_rows, resolve_llm
 from llmser_ray.llm.models import SMOLLM2
+from llmser_ray.ports import pick_port
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BEAUTY = SHARED / "amazon_beauty_2014_5core"
@@ -254,19 +254,13 @@ def test_engine_killed_mid_run_still_answers_every_row(ray_local, titles, tmp_pa
     assert writers.count(actor) < len(rows) // cfg.batch_size
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_openai_backend_against_vllms_openai_server(ray_local, titles, tmp_path: Path) -> None:
     """The OpenAI backend talks to a real server speaking the API: vLLM's, on CPU, on 127.0.0.1."""
     import httpx
 
     model_dir = resolve_llm(LLMConfig())
-    port = _free_port()
+    port = pick_port()
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in finally

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -34,6 +33,7 @@ from typing import Any
 import pytest
 
 from llmser_ray.config import TrainConfig, load_config
+from llmser_ray.ports import pick_port
 
 pytestmark = pytest.mark.slow
 
@@ -44,12 +44,6 @@ SMALL = [
     "train.patience=50",
 ]
 WORKER_NODES = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class MultiNode:
@@ -80,7 +74,7 @@ def multinode() -> Iterator[MultiNode]:
         ray.shutdown()
     # Short: Ray's Unix socket paths live under it (107-character limit).
     temp = Path(tempfile.mkdtemp(prefix="llmser-mn-", dir="/tmp"))
-    port = _free_port()
+    port = pick_port()
     # Token authentication exactly as a local ray.init() of Ray 2.60 sets it up (RAY_AUTH_MODE=token
     # for this process and the nodes it starts, the token in ~/.ray/auth_token); a Cluster does not
     # do it by itself.
@@ -93,7 +87,7 @@ def multinode() -> Iterator[MultiNode]:
         # it): the defaults (8265, 52365) may belong to another Ray on this machine.
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-            "dashboard_port": port, "dashboard_agent_listen_port": _free_port()})
+            "dashboard_port": port, "dashboard_agent_listen_port": pick_port()})
         try:
             for _ in range(WORKER_NODES):
                 cluster.add_node(num_cpus=1)

@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from llmser_ray.data.dataset import load_dataset
 from llmser_ray.data.padding import pad_left
 from llmser_ray.data.prepare import prepare
 from llmser_ray.errors import ConfigError, StageError
+from llmser_ray.ports import pick_port
 from llmser_ray.training import load_trained, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -47,12 +47,6 @@ pytestmark = pytest.mark.timeout(1800)
 SMALL = ["model.hidden=16", "model.max_len=20", "model.dropout=0.2", "train.batch_size=256",
          "train.epochs=1", "train.cpus_per_worker=1", "train.torch_threads=2",
          "ray.num_cpus=4", "ray.include_dashboard=false"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _with(cfg: Config, *overrides: str) -> Config:
@@ -93,28 +87,22 @@ def assert_same_ranking(got: list[dict[str, Any]], ids: list[int], scores: list[
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray started, as `llmser-ray serve` starts one, with the default ingress's flags
-    (HAProxy + direct ingress); the flags are taken out of this process again afterwards."""
+    """A local Ray and Serve's ingress started exactly as `llmser-ray serve` starts them
+    (``start_local_serve``: the default HAProxy ingress, ports picked outside the ephemeral range,
+    a start that loses a port retried); the flags are taken out of this process again afterwards."""
     import ray
 
-    from llmser_ray.config import ServeConfig
-    from llmser_ray.ray_utils import loopback_node
-    from llmser_ray.serving import serve_env
+    from llmser_ray.serving import start_local_serve
 
     started = not ray.is_initialized()
     if started:
-        flags = serve_env(ServeConfig())
-        saved = {k: os.environ.get(k) for k in flags}
-        os.environ.update(flags)
+        saved = dict(os.environ)
         try:
-            with loopback_node():  # as the local Ray of `llmser-ray serve`
-                ray.init(num_cpus=4, include_dashboard=False)
+            start_local_serve(load_config(None, ["serve.port=0", "ray.num_cpus=4",
+                                                 "ray.include_dashboard=false"]), log=print)
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            os.environ.clear()
+            os.environ.update(saved)
     yield
     from ray import serve as ray_serve
 
@@ -483,6 +471,30 @@ def test_haproxy_wrapper_runs_the_real_binary_with_the_rewritten_config(tmp_path
     assert "bind 127.0.0.1:9101" in text and "bind 127.0.0.1:8404" in text and "mode 600" in text
 
 
+def test_haproxy_wrapper_puts_the_named_listeners_on_unix_sockets(tmp_path: Path) -> None:
+    """serve.stats_port/metrics_port 0 (the default): the stats page and the Prometheus exporter
+    listen on owner-only unix sockets beside the admin socket, so HAProxy binds no TCP port that
+    was picked before Ray started; the real HAProxy accepts the rewritten config."""
+    from llmser_ray.serve_haproxy import rewrite
+
+    sock = tmp_path / "a.sock"
+    text = HAPROXY_TEMPLATE_LIKE.replace("/tmp/x/admin.sock", str(sock)) + "defaults\n    mode http\n"
+    out = rewrite(text, str(tmp_path / "haproxy.cfg"), "127.0.0.1", {"stats", "prometheus"})
+    binds = [line.split(None, 1)[1] for line in out.splitlines() if line.strip().startswith("bind")]
+    assert binds == [f"unix@{tmp_path}/prometheus.sock mode 600", "127.0.0.1:8000",
+                     f"unix@{tmp_path}/stats.sock mode 600"]
+    assert rewrite(text, "x", "127.0.0.1", {"stats"}).count("unix@") == 1
+    assert "unix@" not in rewrite(text, "x", "127.0.0.1", set())
+    cfg_file = tmp_path / "haproxy.cfg"
+    cfg_file.write_text(text)
+    env = {**os.environ, "LLMSER_HAPROXY_BIND": "127.0.0.1",
+           "LLMSER_HAPROXY_UNIX_LISTENERS": "stats,prometheus"}
+    res = subprocess.run([str(VENV_BIN / "llmser-ray-haproxy"), "-c", "-f", str(cfg_file)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "Configuration file is valid" in res.stdout + res.stderr, res.stderr
+    assert cfg_file.read_text() == out
+
+
 def test_serve_env_sets_the_ingress_flags_ray_reads_at_start() -> None:
     from llmser_ray.config import ServeConfig
     from llmser_ray.serving import serve_env
@@ -491,9 +503,9 @@ def test_serve_env_sets_the_ingress_flags_ray_reads_at_start() -> None:
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).name == "llmser-ray-haproxy"
     assert env["LLMSER_HAPROXY_BIND"] == "127.0.0.1"
-    ports = {env[k] for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-                              "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")}
-    assert len(ports) == 3 and "8404" not in ports  # picked free, not Serve's fixed defaults
+    # Stats and metrics on unix sockets (no TCP port to lose), the fallback port picked free.
+    assert env["LLMSER_HAPROXY_UNIX_LISTENERS"] == "stats,prometheus"
+    assert int(env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]) not in (8500, 8000)
     proxy = serve_env(ServeConfig(ingress="proxy"))
     assert proxy["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and proxy["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
 
@@ -533,7 +545,8 @@ def served(beauty: Config):
 
     from llmser_ray.serving import APP_NAME, serve
 
-    cfg = _with(beauty, f"serve.port={_free_port()}", "serve.num_replicas=2", "serve.cpus_per_replica=0.5")
+    # serve.port=0: the port of the Serve that ray_local started.
+    cfg = _with(beauty, "serve.port=0", "serve.num_replicas=2", "serve.cpus_per_replica=0.5")
     url = serve(cfg, blocking=False, log=lambda _: None)
     yield url, cfg
     ray_serve.delete(APP_NAME)
@@ -603,6 +616,12 @@ def test_haproxy_ingress_listens_only_on_loopback(served) -> None:
         if sock.exists():
             assert sock.stat().st_mode & 0o077 == 0, oct(sock.stat().st_mode)
     assert any(sock.exists() for sock in socks), socks
+    # Its stats page and Prometheus exporter hold no TCP port (none to lose to a Ray connection
+    # between the choice and the bind): they are owner-only unix sockets beside the admin socket.
+    assert haproxy_ports == {port}, (haproxy_ports, port)
+    for name in ("stats.sock", "prometheus.sock"):
+        extra = [sock.parent / name for sock in socks if (sock.parent / name).exists()]
+        assert extra and all(x.stat().st_mode & 0o077 == 0 for x in extra), (name, socks)
 
 
 @pytest.mark.slow
@@ -748,7 +767,7 @@ def test_killing_a_replica_under_load_loses_only_requests_in_flight(served) -> N
 
 @pytest.mark.slow
 def test_cli_serve_end_to_end_on_beauty(beauty: Config) -> None:
-    port = _free_port()
+    port = pick_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
         [str(VENV_BIN / "llmser-ray"), "serve", "-w", str(beauty.workdir_path), "--port", str(port),
