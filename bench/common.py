@@ -43,6 +43,7 @@ def training_steps(cfg: Any, ds: Any, n_batches: int) -> TrainingSteps:
     import torch
 
     from llmser_ray.models import build_model
+    from llmser_ray.models.losses import Objective, reduce
     from llmser_ray.training import LossModule, _batch_tensor, training_sequences
 
     torch.manual_seed(0)
@@ -55,9 +56,11 @@ def training_steps(cfg: Any, ds: Any, n_batches: int) -> TrainingSteps:
     batches = [_batch_tensor([seqs[i] for i in order[s:s + bs]], cfg.model.max_len)
                for s in range(0, bs * n_batches, bs)]
     gen = torch.Generator().manual_seed(0)
+    objective = Objective.from_config(cfg.train)
 
     def step(batch: Any) -> None:
-        loss = wrapped(batch, cfg.train.loss, cfg.train.num_negatives, gen).mean()
+        stats = wrapped(batch, objective, gen)
+        loss = reduce(stats[:, 0], stats[:, 1], objective.reduction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -43,17 +43,20 @@ GROUPS = ("overall", "tail_user", "head_user", "tail_item", "head_item")
 SEEDS = [42, 43, 44]
 HEADLINE = ("hr@10", "ndcg@10")
 
-# Per-backbone settings on top of the reference defaults (hidden 64, 2 layers, 1 head, dropout
-# 0.5, max_len 200, batch 128, Adam 1e-3, BCE with 1 negative, early stop on valid NDCG@10 with
-# patience 20). BERT4Rec is trained as published (Sun et al. 2019): softmax cross-entropy over
-# all items on the Cloze positions, mask proportion 0.6 (the paper's best value on Beauty). With
-# BCE and ONE sampled negative a Cloze model gets one weak signal per masked position (~20% of
-# positions) and learns far more slowly than the causal models, which predict every position.
-BACKBONE_SETTINGS: dict[str, list[str]] = {
-    "sasrec": [],
-    "gru4rec": [],
-    "bert4rec": ["train.loss=ce", "model.mask_prob=0.6"],
+# The arms: a name and its overrides on top of the product's defaults (config.py: full-softmax
+# CE, per-position reduction, hidden 64, 2 layers, 1 head, dropout 0.5, max_len 200, batch 128,
+# Adam 1e-3, early stop on valid NDCG@10; BERT4Rec masks 60% as published). The model folder
+# is <arm>-s<seed>. "sasrec-bce" is the LLMSeR / LLM-ESR papers' setting (BCE, one sampled
+# negative), the baseline every figure in docs/ was measured on before issue 17. More arms:
+# --arm NAME=key=value,key=value (e.g. a loss or dropout under study).
+ARMS: dict[str, list[str]] = {
+    "sasrec": ["model.backbone=sasrec"],
+    "gru4rec": ["model.backbone=gru4rec"],
+    "bert4rec": ["model.backbone=bert4rec"],
+    "sasrec-bce": ["model.backbone=sasrec", "train.loss=bce"],
 }
+BACKBONE_SETTINGS = ARMS  # the name the JSON has always used for this table
+BASELINE_NAMES = ("most_popular", "transitions")
 
 
 def log(text: str) -> None:
@@ -70,11 +73,10 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def run_config(args: argparse.Namespace, backbone: str, seed: int):
+def run_config(args: argparse.Namespace, arm: str, seed: int):
     from llmser_ray.config import load_config
 
-    return load_config(None, [*base_overrides(args), f"model.backbone={backbone}",
-                              f"train.seed={seed}", *BACKBONE_SETTINGS[backbone]])
+    return load_config(None, [*base_overrides(args), f"train.seed={seed}", *ARMS[arm]])
 
 
 def _subset_equal(recorded: Any, wanted: Any) -> bool:
@@ -106,7 +108,7 @@ def aggregate(args: argparse.Namespace) -> dict[str, Any]:
     """Collect every finished run into the JSON summary and the markdown table."""
     summary: dict[str, Any] = {"dataset": str(args.data), "workdir": str(Path(args.workdir).resolve()),
                                "settings": BACKBONE_SETTINGS, "epoch_cap": args.epochs, "backbones": {}}
-    for backbone in BACKBONE_SETTINGS:  # every backbone, whichever this process trains
+    for backbone in ARMS:  # every arm, whichever this process trains
         runs = {}
         for seed in sorted(set(SEEDS) | set(args.seeds)):  # every run, whichever this process trains
             m = finished(run_config(args, backbone, seed), f"{backbone}-s{seed}")
@@ -116,7 +118,8 @@ def aggregate(args: argparse.Namespace) -> dict[str, Any]:
                           "train_seconds": sum(h["epoch_s"] for h in m["history"]),
                           "stopped_early": m["epochs_run"] < args.epochs,
                           "valid": m["valid"]["overall"], "test": m["test"],
-                          "valid_curve": [h["valid_ndcg@10"] for h in m["history"]]}
+                          "valid_curve": [h["valid_ndcg@10"] for h in m["history"]],
+                          "epoch_seconds": [h["epoch_s"] for h in m["history"]]}
         agg: dict[str, Any] = {}
         for protocol in ("full", "sampled"):
             agg[protocol] = {}
@@ -127,11 +130,39 @@ def aggregate(args: argparse.Namespace) -> dict[str, Any]:
                     row[metric] = {"mean": mu, "std": sd}
                 row["n"] = next((r["test"][protocol][group]["n"] for r in runs.values()), 0)
                 agg[protocol][group] = row
-        summary["backbones"][backbone] = {"seeds": sorted(runs), "runs": runs, "test": agg}
+        summary["backbones"][backbone] = {"seeds": sorted(runs), "runs": runs, "test": agg,
+                                          "settings": ARMS[backbone]}
+    summary["baselines"] = baselines(args)
+    summary["time_to_quality"] = time_to_quality(summary, "sasrec-bce")
     out = Path(args.workdir)
     _write_atomic(out / "quality.json", json.dumps(summary, indent=2))
     _write_atomic(out / "quality.md", markdown(summary))
     return summary
+
+
+def baselines(args: argparse.Namespace) -> dict[str, Any]:
+    """Most-popular and item-to-item transitions on the same split (seconds; no seeds)."""
+    from llmser_ray.training import evaluate_baseline
+
+    cfg = run_config(args, next(iter(ARMS)), SEEDS[0])
+    return {name: evaluate_baseline(cfg, name) for name in BASELINE_NAMES}
+
+
+def time_to_quality(summary: dict[str, Any], reference: str) -> dict[str, Any]:
+    """Per run: the first epoch whose validation NDCG@10 reaches the reference arm's best
+    (mean over its seeds), and the wall seconds of training + validation up to it."""
+    ref = summary["backbones"].get(reference, {}).get("runs", {})
+    if not ref:
+        return {}
+    target = statistics.fmean(max(r["valid_curve"]) for r in ref.values())
+    out: dict[str, Any] = {"reference": reference, "target_valid_ndcg@10": target, "runs": {}}
+    for arm, b in summary["backbones"].items():
+        for seed, r in b["runs"].items():
+            hit = next((i for i, v in enumerate(r["valid_curve"]) if v >= target), None)
+            out["runs"][f"{arm}-s{seed}"] = {
+                "epoch": None if hit is None else hit + 1,
+                "seconds": None if hit is None else sum(r["epoch_seconds"][:hit + 1])}
+    return out
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -160,6 +191,10 @@ def markdown(summary: dict[str, Any]) -> str:
             for metric in HEADLINE:
                 cells = " | ".join(_cell(b["test"][protocol][g][metric]) for g in GROUPS)
                 lines.append(f"| {backbone} | {seeds} | {metric.upper()} | {cells} |")
+        for name, res in summary.get("baselines", {}).items():
+            for metric in HEADLINE:
+                cells = " | ".join(f"{res['test'][protocol][g][metric]:.4f}" for g in GROUPS)
+                lines.append(f"| {name} (baseline) | - | {metric.upper()} | {cells} |")
         lines.append("")
     any_b = next(iter(summary["backbones"].values()), None)
     if any_b and any_b["seeds"]:
@@ -184,6 +219,15 @@ def markdown(summary: dict[str, Any]) -> str:
             early = "yes" if r["stopped_early"] else "no (cap)"
             lines.append(f"| {backbone} | {seed} | {r['best_epoch']} | {r['epochs_run']} | {early} | "
                          f"{r['train_seconds'] / 60:.0f} min |")
+    ttq = summary.get("time_to_quality") or {}
+    if ttq:
+        lines += ["", f"Time to quality: first epoch reaching {ttq['reference']}'s best validation "
+                  f"NDCG@10 ({ttq['target_valid_ndcg@10']:.4f}, mean over its seeds), two cores:", "",
+                  "| run | epoch | wall (train + validation) |", "|---|---|---|"]
+        for run, t in ttq["runs"].items():
+            reached = t["epoch"] is not None
+            lines.append(f"| {run} | {t['epoch']} | {t['seconds'] / 60:.1f} min |" if reached
+                         else f"| {run} | not reached | - |")
     return "\n".join(lines) + "\n"
 
 
@@ -221,8 +265,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default="runs/quality-beauty")
     ap.add_argument("--data", type=Path, default=BEAUTY)
-    ap.add_argument("--backbones", nargs="+", default=list(BACKBONE_SETTINGS),
-                    choices=list(BACKBONE_SETTINGS))
+    ap.add_argument("--backbones", "--arms", nargs="+", default=None,
+                    help=f"arms to train (default: {' '.join(ARMS)})")
+    ap.add_argument("--arm", action="append", default=[], metavar="NAME=K=V,K=V",
+                    help="an extra arm: its name and overrides")
     ap.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
     # 100, not the config's 200: see docs/RESULTS.md (cost on a shared two-core machine; the
     # validation curves show where each run's best epoch lies relative to the cap).
@@ -236,6 +282,13 @@ def main() -> None:
     ap.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables")
     args = ap.parse_args()
     args.data = args.data.resolve()
+    for spec in args.arm:
+        name, _, overrides = spec.partition("=")
+        ARMS[name] = [o for o in overrides.split(",") if o]
+    args.backbones = args.backbones or list(ARMS)
+    unknown = [a for a in args.backbones if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arms {unknown}: define them with --arm NAME=key=value,...")
 
     # Ray starts its workers at niceness 15 (raylet's worker_niceness), so on a shared machine the
     # Train worker loses the CPU to every ordinary process; 0 gives it an ordinary share.
@@ -255,7 +308,7 @@ def main() -> None:
                 if finished(cfg, name) is not None:
                     log(f"{name}: finished earlier, skipped")
                     continue
-                log(f"{name}: training (settings {BACKBONE_SETTINGS[backbone] or 'reference'})")
+                log(f"{name}: training (settings {ARMS[backbone]})")
                 t0 = time.perf_counter()
                 res = train(cfg, name=name)
                 full = res.test.get("full", {}).get("overall", {})

@@ -106,8 +106,9 @@ class ModelConfig(_Strict):
     # SASRec as published (causal mask + feed-forward). "reference" reproduces the LLMSeR code's
     # defect (no mask, no feed-forward) for comparisons only.
     sasrec_variant: Literal["standard", "reference"] = "standard"
-    # BERT4Rec Cloze masking probability.
-    mask_prob: float = Field(0.2, gt=0, lt=1)
+    # BERT4Rec Cloze masking probability: 0.6, the paper's best on Beauty (Sun et al. 2019),
+    # which with full-softmax CE is also the strongest BERT4Rec measured here (docs/RESULTS.md).
+    mask_prob: float = Field(0.6, gt=0, lt=1)
     # BERT4Rec: share of training sequences that mask only their last item (the paper's extra
     # samples matching next-item prediction).
     last_item_mask_prob: float = Field(0.1, ge=0, le=1)
@@ -143,9 +144,19 @@ class EvalConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    loss: Literal["bce", "ce"] = "bce"
-    # Negatives per position for the BCE loss (reference: 1).
-    num_negatives: int = Field(1, ge=1, le=1000)
+    # ce: full softmax; sampled: softmax over num_negatives uniform negatives with the logQ
+    # correction (catalogues too large for a full softmax); gbce: gSASRec's generalised BCE;
+    # bce: one sampled negative, the LLMSeR/LLM-ESR papers' setting (models/losses.py).
+    loss: Literal["ce", "sampled", "gbce", "bce"] = "ce"
+    # Negatives per target position for sampled/gbce/bce (0: 256 for sampled and gbce, 1 for bce).
+    num_negatives: int = Field(0, ge=0, le=100_000)
+    # Sampled softmax: subtract log(K q_j) from each negative's logit (unbiased partition estimate).
+    logq: bool = True
+    # gBCE calibration t in [0, 1]: 0 = plain BCE, 1 = calibrated to the full softmax.
+    gbce_t: float = Field(0.75, ge=0, le=1)
+    # position: every target position weighs the same (Kang & McAuley, RecBole); user: each user's
+    # positions are averaged first, every user weighs the same (docs/TRAINING.md).
+    reduction: Literal["position", "user"] = "position"
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -349,6 +360,10 @@ class TuneConfig(_Strict):
     max_concurrent_trials: int = Field(1, ge=0)
     # Also run the plain backbone (no augmentation) as a reference row in the report.
     include_baseline: bool = True
+    # dual: search dual-channel training on the cached augmentation (LLMSeR's knobs, train.*,
+    # model.*); backbone: search the plain backbone alone (loss, dropout, sizes, lr; no
+    # augmentation, no LLM: tune_configs/backbone_beauty.yaml).
+    target: Literal["dual", "backbone"] = "dual"
     name: str = "tune"
 
 

@@ -39,6 +39,7 @@ from llmser_ray.evaluation import metrics_from_ranks, rank_targets, user_groups
 from llmser_ray.io import atomic_dir, manifest_header, read_manifest, write_json
 from llmser_ray.models import build_model
 from llmser_ray.models.base import SeqRecModel
+from llmser_ray.models.losses import Objective, reduce
 
 SCHEMA_VERSION = 1
 TRAIN_SECTIONS = ("model", "train", "eval")
@@ -131,9 +132,9 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, seqs: torch.Tensor, loss: str, num_negatives: int,
+    def forward(self, seqs: torch.Tensor, objective: Objective,
                 generator: torch.Generator | None) -> torch.Tensor:
-        return self.model.loss(seqs, loss, num_negatives, generator)
+        return self.model.loss(seqs, objective, generator)
 
 
 def _batch_tensor(seqs: list[np.ndarray], max_len: int) -> torch.Tensor:
@@ -170,29 +171,31 @@ def batch_loss(wrapped: torch.nn.Module, idx: np.ndarray, train_seqs: list[np.nd
                device: torch.device | str, gen: torch.Generator | None,
                aug_seqs: list[np.ndarray] | None = None,
                weights: np.ndarray | None = None) -> torch.Tensor:
-    """Mean over the batch's users of ``(1 - w_u) * L(original_u) + w_u * L(augmented_u)``.
+    """The batch loss over the original and (for dual-channel training) augmented sequences of
+    the users ``idx``, weighted ``1 - w_u`` and ``w_u`` and reduced as ``losses.reduce`` says.
 
     Both channels of the same users go through ONE forward pass (the augmented rows appended to
     the original ones), so DDP sees one graph per step and a user's two channels always share a
     step. Users with ``w_u = 0`` (not augmented) contribute only their original sequence.
     """
+    objective = Objective.from_config(cfg.train)
     seqs = [train_seqs[i] for i in idx]
     aug_rows = np.zeros(0, dtype=np.int64)
     if aug_seqs is not None and weights is not None:
         aug_rows = np.flatnonzero(weights[idx] > 0)
         seqs += [aug_seqs[idx[j]] for j in aug_rows]
     batch = _batch_tensor(seqs, cfg.model.max_len).to(device)
-    per_seq = wrapped(batch, cfg.train.loss, cfg.train.num_negatives, gen)
+    stats = wrapped(batch, objective, gen)  # [rows, 2]: loss sum and target count per sequence
     n = len(idx)
+    sums, counts = stats[:n, 0], stats[:n, 1]
     if not len(aug_rows):
-        return per_seq.mean()
-    w = torch.zeros(n, dtype=per_seq.dtype, device=per_seq.device)
-    w[torch.from_numpy(aug_rows).to(per_seq.device)] = torch.as_tensor(
-        weights[idx[aug_rows]], dtype=per_seq.dtype, device=per_seq.device)
-    combined = (1 - w) * per_seq[:n]
-    combined = combined.index_add(0, torch.from_numpy(aug_rows).to(per_seq.device),
-                                  w[torch.from_numpy(aug_rows).to(per_seq.device)] * per_seq[n:])
-    return combined.mean()
+        return reduce(sums, counts, objective.reduction)
+    rows = torch.from_numpy(aug_rows).to(stats.device)
+    w = torch.zeros(n, dtype=stats.dtype, device=stats.device)
+    w[rows] = torch.as_tensor(weights[idx[aug_rows]], dtype=stats.dtype, device=stats.device)
+    aug_sums = torch.zeros_like(sums).index_copy(0, rows, stats[n:, 0])
+    aug_counts = torch.zeros_like(counts).index_copy(0, rows, stats[n:, 1])
+    return reduce(sums, counts, objective.reduction, w, aug_sums, aug_counts)
 
 
 def train_epoch(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, train_seqs: list[np.ndarray],
@@ -404,6 +407,19 @@ def load_trained(folder: str | Path) -> tuple[SeqRecModel, dict[str, Any]]:
     model.load_state_dict(load_file(str(best / "model.safetensors")))
     model.eval()
     return model, meta
+
+
+def evaluate_baseline(cfg: Config, name: str) -> dict[str, Any]:
+    """Validation and test metrics of a non-neural baseline (models/baselines.py) fitted on the
+    training sequences, under the same protocols as a trained model's ``metrics.json``."""
+    from llmser_ray.models.baselines import BASELINES
+
+    ds = load_dataset(cfg.workdir_path / "dataset")
+    model = BASELINES[name](ds.train_sequences(), ds.num_items)
+    inputs, targets = ds.split("valid")
+    valid = metrics_from_ranks(rank_targets(model, inputs, targets, cfg.eval, ds.num_items),
+                               cfg.eval.ks, _groups(ds, targets))
+    return {"name": name, "valid": valid, "test": evaluate_splits(model, ds, cfg)}
 
 
 def evaluate_splits(model: SeqRecModel, ds: SeqDataset, cfg: Config) -> dict[str, Any]:

@@ -95,6 +95,12 @@ def check_search(cfg: Config) -> None:
         if key.startswith(("data.", "augment.", "llm.", "embed.", "faiss.", "tune.", "ray.", "serve.")):
             raise ConfigError(f"tune.search: '{key}' would change a cached upstream stage",
                               "search only training-time keys (dual.*, train.*, model.*)")
+    if cfg.tune.target == "backbone":
+        dual = [k for k in cfg.tune.search if k.startswith("dual.")]
+        if dual:
+            raise ConfigError(f"tune.target=backbone trains without augmentation, but tune.search has {dual}",
+                              "drop the dual.* keys, or set tune.target=dual")
+        return
     n = cfg.tune.search.get("dual.num_pseudo")
     if n is not None and largest(n) > cfg.augment.ask_items:
         raise ConfigError(f"tune.search asks for dual.num_pseudo up to {largest(n):g} but the LLM is asked "
@@ -116,6 +122,11 @@ def check_search(cfg: Config) -> None:
                           "raise augment.num_candidates or lower the search range")
 
 
+# Keys a continuous search domain may hand over as floats.
+INTEGER_KEYS = ("num_pseudo", "decay_threshold", "epochs", "num_negatives", "hidden", "layers",
+                "heads", "max_len", "batch_size")
+
+
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     tree = json.loads(json.dumps(base))
     for key, value in params.items():
@@ -123,8 +134,8 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
-        node[leaf] = int(round(value)) if leaf in ("num_pseudo", "decay_threshold", "epochs") else value
-    tree["dual"]["enabled"] = True
+        node[leaf] = int(round(value)) if leaf in INTEGER_KEYS else value
+    tree["dual"]["enabled"] = tree["tune"]["target"] == "dual"
     return Config.model_validate(tree)
 
 
@@ -187,7 +198,13 @@ def tune(cfg: Config, fresh: bool = False) -> TuneOutcome:
     check_search(cfg)
     init_ray(cfg.ray)
     quiet_ray_data()
-    up = upstream(cfg)
+    if cfg.tune.target == "dual":
+        up = upstream(cfg)
+    else:  # the backbone alone: its dataset is all it reads
+        from llmser_ray.data.prepare import prepare
+
+        prepare(cfg)
+        up = {}
     name = experiment_name(cfg)
     storage = ray_storage(cfg, "tune")
     path = f"{storage.rstrip('/')}/{name}"
@@ -278,8 +295,8 @@ def write_report(table: pd.DataFrame, baseline: dict[str, Any] | None, out: Path
     write_json(out / "summary.json", {"best": best, "baseline": baseline, "trials": table.to_dict("records")})
 
     images: dict[str, str] = {}
-    for key in ("dual.num_pseudo", "dual.beta", "dual.decay_threshold", "train.lr"):
-        if key not in table or table[key].isna().all():
+    for key in cfg.tune.search:
+        if key not in table or table[key].isna().all() or not pd.api.types.is_numeric_dtype(table[key]):
             continue
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for col, label in (("valid_best", f"valid {metric}"), (f"test_tail_user_{metric}", "test tail users"),

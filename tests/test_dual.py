@@ -18,6 +18,7 @@ from llmser_ray.data.prepare import prepare
 from llmser_ray.errors import StageError
 from llmser_ray.io import write_json
 from llmser_ray.models import build_model
+from llmser_ray.models.losses import Objective
 from llmser_ray.training import LossModule, TrainingData, batch_loss
 
 
@@ -28,25 +29,40 @@ def _model(backbone: str) -> LossModule:
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
-def test_batch_loss_is_the_weighted_sum_of_both_channels(backbone: str) -> None:
-    """(1 - w) L(original) + w L(augmented), per user, averaged; w = 0 users ignore the aug channel."""
+@pytest.mark.parametrize("reduction", ["user", "position"])
+def test_batch_loss_is_the_weighted_sum_of_both_channels(backbone: str, reduction: str) -> None:
+    """user: (1 - w) mean L(original) + w mean L(augmented), per user, averaged over users.
+    position: every target position's loss weighted 1 - w (original) or w (augmented), divided
+    by the sum of those weights. Both by hand from one-sequence losses; w = 0 users ignore the
+    augmented channel."""
     model = _model(backbone).eval()
-    cfg = load_config(None, ["train.loss=ce", "model.max_len=12"])
+    cfg = load_config(None, ["train.loss=ce", "model.max_len=12", f"train.reduction={reduction}"])
+    objective = Objective.from_config(cfg.train)
     orig = [np.array([1, 2, 3]), np.array([4, 5, 6, 7]), np.array([8, 9])]
     aug = [np.array([20, 21, 1, 2, 3]), np.array([4, 5, 6, 7]), np.array([22, 8, 9])]
     w = np.array([0.3, 0.0, 0.8])
     idx = np.arange(3)
     got = batch_loss(model, idx, orig, cfg, "cpu", None, aug, w)
 
-    def one(seq: np.ndarray) -> torch.Tensor:
-        return model(torch.from_numpy(seq[None]), "ce", 1, None)[0]
+    def one(seq: np.ndarray) -> tuple[torch.Tensor, float]:
+        """Loss sum and target count of one sequence (len - 1 targets)."""
+        total, count = model(torch.from_numpy(seq[None]), objective, None)[0]
+        assert float(count) == len(seq) - 1
+        return total, float(count)
 
-    want = ((1 - 0.3) * one(orig[0]) + 0.3 * one(aug[0]) + one(orig[1])
-            + (1 - 0.8) * one(orig[2]) + 0.8 * one(aug[2])) / 3
+    (s0, c0), (s1, c1), (s2, c2) = one(orig[0]), one(orig[1]), one(orig[2])
+    (a0, d0), (a2, d2) = one(aug[0]), one(aug[2])
+    if reduction == "user":
+        want = ((1 - 0.3) * s0 / c0 + 0.3 * a0 / d0 + s1 / c1 + (1 - 0.8) * s2 / c2 + 0.8 * a2 / d2) / 3
+        plain_want = (s0 / c0 + s1 / c1 + s2 / c2) / 3
+    else:
+        want = (((1 - 0.3) * s0 + 0.3 * a0 + s1 + (1 - 0.8) * s2 + 0.8 * a2)
+                / ((1 - 0.3) * c0 + 0.3 * d0 + c1 + (1 - 0.8) * c2 + 0.8 * d2))
+        plain_want = (s0 + s1 + s2) / (c0 + c1 + c2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # Without augmentation it is the plain loss.
     plain = batch_loss(model, idx, orig, cfg, "cpu", None)
-    torch.testing.assert_close(plain, (one(orig[0]) + one(orig[1]) + one(orig[2])) / 3)
+    torch.testing.assert_close(plain, plain_want)
     # w = 0 everywhere: exactly the plain gradients; w = 1 for a user: different ones.
     def grads(*extra: object) -> torch.Tensor:
         model.zero_grad()

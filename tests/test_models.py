@@ -8,10 +8,11 @@ from safetensors.torch import load_file, save_file
 
 from llmser_ray.config import ModelConfig
 from llmser_ray.models import BERT4Rec, GRU4Rec, SASRec, build_model
-from llmser_ray.models.losses import bce_loss, ce_loss, sample_negatives
+from llmser_ray.models.losses import Objective, bce_loss, ce_loss, sample_negatives
 from llmser_ray.models.sasrec import attention_mask
 
 NUM_ITEMS = 20
+LOSSES = ["ce", "sampled", "gbce", "bce"]
 VARIANTS = {
     "sasrec": {"backbone": "sasrec"},
     "sasrec-reference": {"backbone": "sasrec", "sasrec_variant": "reference"},
@@ -47,18 +48,18 @@ def test_shapes_and_no_nan(name: str) -> None:
         scores = model.score_all(SEQS)
         assert scores.shape == (5, NUM_ITEMS + 1)
         assert torch.isfinite(h).all() and torch.isfinite(scores).all()
-        for loss in ("bce", "ce"):
-            per_seq = model.loss(SEQS, loss, 3, torch.Generator().manual_seed(0))
-            assert per_seq.shape == (5,)
-            assert torch.isfinite(per_seq).all()
-            assert per_seq[0] == 0  # nothing to predict
-            assert (per_seq[[1, 2, 4]] > 0).all()
+        for loss in LOSSES:
+            stats = model.loss(SEQS, Objective(loss, 3), torch.Generator().manual_seed(0))
+            assert stats.shape == (5, 2)
+            assert torch.isfinite(stats).all()
+            assert (stats[0] == 0).all()  # nothing to predict
+            assert (stats[[1, 2, 4], 0] > 0).all() and (stats[[1, 2, 4], 1] >= 1).all()
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_gradients_finite_and_reach_every_parameter(name: str) -> None:
     model = _model(name)
-    model.loss(SEQS, "bce", 2, None).mean().backward()
+    model.loss(SEQS, Objective("bce", 2), None)[:, 0].sum().backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, pname  # DDP needs every parameter used
         assert torch.isfinite(p.grad).all(), pname
@@ -68,9 +69,9 @@ def test_all_padding_batch_has_zero_loss() -> None:
     empty = torch.zeros(3, 5, dtype=torch.long)
     for name in VARIANTS:
         model = _model(name)
-        for loss in ("bce", "ce"):
-            out = model.loss(empty, loss, 2, None)
-            assert torch.equal(out, torch.zeros(3)), name
+        for loss in LOSSES:
+            out = model.loss(empty, Objective(loss, 2), None)
+            assert torch.equal(out, torch.zeros(3, 2)), name
         assert torch.isfinite(model.score_all(empty)).all(), name
 
 
@@ -124,7 +125,7 @@ def test_reference_variant_has_no_feed_forward() -> None:
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-@pytest.mark.parametrize("loss", ["bce", "ce"])
+@pytest.mark.parametrize("loss", LOSSES)
 def test_overfits_a_fixed_batch(name: str, loss: str) -> None:
     model = _model(name, dropout=0.0, layers=1)
     batch = SEQS[1:]
@@ -133,7 +134,8 @@ def test_overfits_a_fixed_batch(name: str, loss: str) -> None:
     losses = []
     for _ in range(40):
         gen.manual_seed(0)  # the same masks and negatives every step: a fixed objective
-        value = model.loss(batch, loss, 2, gen).mean()
+        stats = model.loss(batch, Objective(loss, 2), gen)
+        value = stats[:, 0].sum() / stats[:, 1].sum()
         opt.zero_grad()
         value.backward()
         opt.step()
@@ -212,8 +214,8 @@ def test_length_buckets_give_the_unbucketed_results(name: str) -> None:
         if n:
             batch[row, -n:] = torch.randint(1, NUM_ITEMS + 1, (n,), generator=gen)
     torch.testing.assert_close(model.user_repr(batch), model.last_state(batch))
-    bucketed = model.loss(batch, "ce", 1, None)
-    whole = model.sequence_loss(batch, "ce", 1, None)
+    bucketed = model.loss(batch, Objective("ce"), None)
+    whole = model.sequence_loss(batch, Objective("ce"), None)
     torch.testing.assert_close(bucketed, whole)
     grads = torch.autograd.grad(bucketed.sum(), model.item_emb.weight)[0]
     torch.testing.assert_close(grads, torch.autograd.grad(whole.sum(), model.item_emb.weight)[0])

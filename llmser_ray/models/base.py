@@ -13,14 +13,11 @@ sequence, so the unbucketed transformer and GRU spent more than 90% of their wor
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn as nn
 
-from llmser_ray.models.losses import bce_loss, ce_loss
-
-LossName = Literal["bce", "ce"]
+from llmser_ray.models.losses import Objective
 
 
 def by_length(fn: Callable[[torch.Tensor], torch.Tensor], seqs: torch.Tensor,
@@ -102,19 +99,21 @@ class SeqRecModel(nn.Module):
         """``[B, num_items + 1]`` scores of every item as the next one (column 0 is padding)."""
         return self.user_repr(seqs) @ self.item_embeddings().T
 
-    def loss(self, seqs: torch.Tensor, loss: LossName, num_negatives: int,
+    def loss(self, seqs: torch.Tensor, objective: Objective,
              generator: torch.Generator | None) -> torch.Tensor:
-        """Per-sequence training loss ``[B]`` (see ``sequence_loss``), computed by length bucket."""
+        """Per-sequence loss sums and target counts ``[B, 2]`` (see ``sequence_loss``), computed
+        by length bucket; ``losses.reduce`` makes the batch loss of them."""
         def one(sub: torch.Tensor) -> torch.Tensor:
-            return self.sequence_loss(sub, loss, num_negatives, generator)
+            return self.sequence_loss(sub, objective, generator)
 
         if not (self.pad_invariant and self.bucket_by_length):
             return one(seqs)
         return by_length(one, seqs, 2)
 
-    def sequence_loss(self, seqs: torch.Tensor, loss: LossName, num_negatives: int,
+    def sequence_loss(self, seqs: torch.Tensor, objective: Objective,
                       generator: torch.Generator | None) -> torch.Tensor:
-        """Per-sequence mean next-item loss ``[B]`` over the last ``max_len`` causal positions.
+        """Per-sequence next-item loss sum and count ``[B, 2]`` over the last ``max_len`` causal
+        positions.
 
         Input ``seqs[:, :-1]`` predicts target ``seqs[:, 1:]``. A position counts when its input is
         a real item, i.e. the first item is never a target (there is nothing to predict it from).
@@ -123,26 +122,15 @@ class SeqRecModel(nn.Module):
         inputs = seqs[:, :-1][:, -self.max_len:]
         targets = seqs[:, 1:][:, -self.max_len:]
         valid = inputs > 0
-        return self.masked_loss(self.encode(inputs), targets, valid, loss, num_negatives,
-                                generator)
+        return self.masked_loss(self.encode(inputs), targets, valid, objective, generator)
 
     def masked_loss(self, h: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
-                    loss: LossName, num_negatives: int,
-                    generator: torch.Generator | None) -> torch.Tensor:
-        """Mean of the per-position loss over each row's ``valid`` positions; 0 for rows with none.
+                    objective: Objective, generator: torch.Generator | None) -> torch.Tensor:
+        """Sum and count ``[B, 2]`` of the per-position loss over each row's ``valid`` positions.
 
         Only valid positions are scored, which keeps the full-softmax loss affordable.
         """
         rows = valid.nonzero(as_tuple=True)[0]
-        h_valid, pos = h[valid], targets[valid]
-        emb = self.item_embeddings()
-        if loss == "bce":
-            per_pos = bce_loss(h_valid, emb, pos, num_negatives, generator)
-        elif loss == "ce":
-            per_pos = ce_loss(h_valid, emb, pos)
-        else:
-            raise ValueError(f"unknown loss '{loss}' (expected 'bce' or 'ce')")
-        batch = h.shape[0]
-        total = h.new_zeros(batch).index_add(0, rows, per_pos)
-        count = h.new_zeros(batch).index_add(0, rows, torch.ones_like(per_pos))
-        return total / count.clamp_min(1.0)
+        per_pos = objective.per_position(h[valid], self.item_embeddings(), targets[valid], generator)
+        out = h.new_zeros(h.shape[0], 2)
+        return out.index_add(0, rows, torch.stack([per_pos, torch.ones_like(per_pos)], dim=1))

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from llmser_ray.config import ModelConfig
-from llmser_ray.models.base import LossName, SeqRecModel
+from llmser_ray.models.base import SeqRecModel
+from llmser_ray.models.losses import Objective
 from llmser_ray.models.sasrec import Block, attention_mask, init_weights
 
 
@@ -78,10 +79,11 @@ class BERT4Rec(SeqRecModel):
         last[:, -1] = valid[:, -1]
         return torch.where(only_last, last, masked)
 
-    def sequence_loss(self, seqs: torch.Tensor, loss: LossName, num_negatives: int,
+    def sequence_loss(self, seqs: torch.Tensor, objective: Objective,
                       generator: torch.Generator | None) -> torch.Tensor:
-        """Per-sequence mean loss over the Cloze-masked positions of the last ``max_len`` items."""
+        """Per-sequence loss sum and count ``[B, 2]`` over the Cloze-masked positions of the last
+        ``max_len`` items."""
         seqs = seqs[:, -self.max_len:]
         masked = self.cloze_mask(seqs, generator)
         h = self.encode(seqs.masked_fill(masked, self.mask_token))
-        return self.masked_loss(h, seqs, masked, loss, num_negatives, generator)
+        return self.masked_loss(h, seqs, masked, objective, generator)

@@ -1,14 +1,39 @@
-"""Next-item losses on already-selected positions.
+"""The training objective: next-item losses per target position and their reduction to a batch.
 
-Both functions take the hidden states of the positions that carry a target (``[N, D]``) and
-return one loss per position (``[N]``), so the model can average them per sequence: dual-channel
-training weights whole users, not positions.
+Every backbone hands ``Objective.per_position`` the hidden states of its target positions
+(``[N, D]``) and gets one loss per position back; ``reduce`` turns per-sequence sums and counts
+into the batch loss, with the dual-channel weighting of LLMSeR (docs/TRAINING.md has the
+formulas). The losses, from the measured best to the papers' setting:
+
+- ``ce``: full-softmax cross-entropy over all items (the strongest where ``N x num_items`` logits
+  fit: Klenitskiy & Vasilev 2023, "Turning Dross Into Gold Loss: is BERT4Rec really better than
+  SASRec?").
+- ``sampled``: softmax over the positive and ``K`` negatives drawn uniformly, shared by the whole
+  batch, with the logQ correction (each negative's logit minus ``log(K q_j)``, ``q_j = 1/n``), so
+  the sampled sum estimates the full partition function without bias: for catalogues where the
+  full softmax does not fit (docs/SCALING.md).
+- ``gbce``: gSASRec's generalised BCE (Petrov & Macdonald, RecSys 2023) over the same shared
+  negatives: ``beta * softplus(-s+) + sum_j softplus(s_j)`` with
+  ``beta = alpha * (t * (1 - 1/alpha) + 1/alpha)``, ``alpha = K / (n - 1)``; ``t = 0`` is plain
+  BCE with ``K`` negatives, ``t = 1`` calibrates the scores to the full-softmax probabilities.
+- ``bce``: BCE with per-position negatives (averaged), one by default: the setting of the LLMSeR
+  and LLM-ESR papers' code (SASRec as Kang & McAuley trained it).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+
+LossName = Literal["ce", "sampled", "gbce", "bce"]
+Reduction = Literal["position", "user"]
+# Negatives per target when train.num_negatives is unset: the papers' one for BCE; gSASRec's and
+# the sampled-softmax benchmarks' 256 otherwise.
+DEFAULT_NEGATIVES = {"bce": 1, "sampled": 256, "gbce": 256, "ce": 0}
 
 
 def sample_negatives(pos: torch.Tensor, num_items: int, num_negatives: int,
@@ -25,6 +50,18 @@ def sample_negatives(pos: torch.Tensor, num_items: int, num_negatives: int,
     neg = torch.randint(1, num_items, (pos.shape[0], num_negatives), generator=generator,
                         device=device).to(pos.device)
     return neg + (neg >= pos.unsqueeze(1)).long()
+
+
+def shared_negatives(num_items: int, num_negatives: int, device: torch.device,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[K]`` items drawn uniformly (with replacement) from ``1..num_items``, for a whole batch.
+
+    One draw per batch makes the negative logits one ``[N, D] x [D, K]`` product instead of a
+    gather of ``N x K`` embeddings; a draw that hits a position's positive is masked there.
+    """
+    gen_device = generator.device if generator is not None else device
+    return torch.randint(1, num_items + 1, (num_negatives,), generator=generator,
+                         device=gen_device).to(device)
 
 
 def bce_loss(h: torch.Tensor, item_emb: torch.Tensor, pos: torch.Tensor, num_negatives: int,
@@ -45,3 +82,96 @@ def ce_loss(h: torch.Tensor, item_emb: torch.Tensor, pos: torch.Tensor) -> torch
     """Full-softmax cross-entropy over items ``1..num_items`` (the padding row never competes)."""
     logits = h @ item_emb[1:].T
     return F.cross_entropy(logits, pos - 1, reduction="none")
+
+
+def _shared_logits(h: torch.Tensor, item_emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive logits ``[N]`` and negative logits ``[N, K]``, accidental hits at ``-inf``."""
+    pos_logit = (h * item_emb[pos]).sum(-1)
+    neg_logit = (h @ item_emb[neg].T).masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), -math.inf)
+    return pos_logit, neg_logit
+
+
+def sampled_softmax_loss(h: torch.Tensor, item_emb: torch.Tensor, pos: torch.Tensor,
+                         neg: torch.Tensor, logq: bool = True) -> torch.Tensor:
+    """Softmax cross-entropy of the positive against the uniform negatives ``neg`` ``[K]``.
+
+    With ``logq`` each negative logit is lowered by ``log(K / n)`` (its expected count in the
+    draw), so ``sum_j exp(s_j) * n / K`` is an unbiased estimate of the full softmax's negative
+    mass and the loss tends to full CE as ``K`` grows; without it the loss underestimates CE and
+    the gradient pushes too little on the negatives.
+    """
+    pos_logit, neg_logit = _shared_logits(h, item_emb, pos, neg)
+    if logq:
+        neg_logit = neg_logit - math.log(neg.shape[0] / (item_emb.shape[0] - 1))
+    logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], dim=1)
+    return torch.logsumexp(logits, dim=1) - pos_logit
+
+
+def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
+    """gSASRec's positive-term exponent ``beta`` for ``K`` negatives out of ``n - 1`` items."""
+    alpha = num_negatives / (num_items - 1)
+    return alpha * (t * (1 - 1 / alpha) + 1 / alpha)
+
+
+def gbce_loss(h: torch.Tensor, item_emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+              t: float) -> torch.Tensor:
+    """gSASRec's gBCE: ``-log(sigmoid(s+) ** beta) - sum_j log(1 - sigmoid(s_j))``."""
+    pos_logit, neg_logit = _shared_logits(h, item_emb, pos, neg)
+    beta = gbce_beta(neg.shape[0], item_emb.shape[0] - 1, t)
+    return beta * F.softplus(-pos_logit) + F.softplus(neg_logit).sum(-1)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a training step minimises: built once from ``train.*`` (``from_config``)."""
+
+    loss: LossName = "ce"
+    num_negatives: int = 0
+    logq: bool = True
+    gbce_t: float = 0.75
+    reduction: Reduction = "position"
+
+    @classmethod
+    def from_config(cls, train: object) -> Objective:
+        loss = train.loss  # type: ignore[attr-defined]
+        k = train.num_negatives or DEFAULT_NEGATIVES[loss]  # type: ignore[attr-defined]
+        return cls(loss, k, train.logq, train.gbce_t, train.reduction)  # type: ignore[attr-defined]
+
+    def per_position(self, h: torch.Tensor, item_emb: torch.Tensor, pos: torch.Tensor,
+                     generator: torch.Generator | None) -> torch.Tensor:
+        """Loss ``[N]`` of each target ``pos`` given its hidden state ``h`` ``[N, D]``."""
+        if self.loss == "ce":
+            return ce_loss(h, item_emb, pos)
+        if self.loss == "bce":
+            return bce_loss(h, item_emb, pos, self.num_negatives, generator)
+        neg = shared_negatives(item_emb.shape[0] - 1, self.num_negatives, h.device, generator)
+        if self.loss == "sampled":
+            return sampled_softmax_loss(h, item_emb, pos, neg, self.logq)
+        if self.loss == "gbce":
+            return gbce_loss(h, item_emb, pos, neg, self.gbce_t)
+        raise ValueError(f"unknown loss '{self.loss}' (expected one of ce, sampled, gbce, bce)")
+
+
+def reduce(sums: torch.Tensor, counts: torch.Tensor, reduction: Reduction,
+           weights: torch.Tensor | None = None, aug_sums: torch.Tensor | None = None,
+           aug_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch loss from per-user loss sums and target counts ``[U]`` of each channel.
+
+    ``user``: ``mean_u [(1 - w_u) * S_u / C_u + w_u * A_u / D_u]`` (each user's channels are
+    position means; a user weighs the same whatever its length). ``position``:
+    ``sum_u [(1 - w_u) S_u + w_u A_u] / sum_u [(1 - w_u) C_u + w_u D_u]``, every target position
+    weighs the same and the augmented channel's positions count ``w_u`` each (Kang & McAuley's
+    and RecBole's standard for plain training, ``w = 0``). ``S, C`` are the original channel's sum
+    and count, ``A, D`` the augmented one's; without ``weights`` only the original channel counts.
+    """
+    if weights is None:
+        weights = sums.new_zeros(sums.shape)
+        aug_sums = aug_counts = sums.new_zeros(sums.shape)
+    assert aug_sums is not None and aug_counts is not None
+    if reduction == "user":
+        per_user = ((1 - weights) * sums / counts.clamp_min(1)
+                    + weights * aug_sums / aug_counts.clamp_min(1))
+        return per_user.mean()
+    total = ((1 - weights) * sums + weights * aug_sums).sum()
+    return total / ((1 - weights) * counts + weights * aug_counts).sum().clamp_min(1e-12)
