@@ -17,9 +17,12 @@ Why it is built this way:
   default added later does not silently retrain nine models.
 
     nohup .venv/bin/python bench/quality_backbones.py > runs/quality-beauty.log 2>&1 &
-    # or one process per backbone, in parallel (each its own local Ray, one thread):
-    for b in sasrec gru4rec bert4rec; do
-        nohup .venv/bin/python bench/quality_backbones.py --backbones $b > runs/quality-$b.log 2>&1 &
+    # or one process per arm, in parallel, on ONE Ray (two local Rays break Ray Train's cleanup):
+    RAY_ADDRESS=127.0.0.1:6390 ray start --head --node-ip-address 127.0.0.1 --port 6390 \
+        --num-cpus 4 --include-dashboard false
+    for b in sasrec bert4rec; do
+        nohup .venv/bin/python bench/quality_backbones.py --arms $b --address 127.0.0.1:6390 \
+            > runs/quality-$b.log 2>&1 &
     done
     .venv/bin/python bench/quality_backbones.py --estimate       # one timed epoch per backbone
     .venv/bin/python bench/quality_backbones.py --aggregate-only # tables from finished runs
@@ -70,6 +73,7 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
         *beauty_sets(args.workdir, args.data),
         f"train.epochs={args.epochs}", f"train.torch_threads={args.threads}",
         f"train.cpus_per_worker={args.cpus_per_worker}", "ray.include_dashboard=false",
+        *([f"ray.address={args.address}"] if args.address else []),
     ]
 
 
@@ -278,6 +282,10 @@ def main() -> None:
     # ops per batch waits for the thread that is descheduled); see docs/BENCHMARKS.md.
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the Ray Train worker")
     ap.add_argument("--cpus-per-worker", type=float, default=1.0)
+    # Several of these processes at once must share ONE Ray (`ray start --head` with RAY_ADDRESS
+    # in its environment): with two local Rays on a machine, Ray Train's placement-group cleaner
+    # cannot tell which to join ("Found multiple active Ray instances") and a run's worker dies.
+    ap.add_argument("--address", default=None, help="an existing Ray cluster to run on")
     ap.add_argument("--estimate", action="store_true", help="time one epoch per backbone and exit")
     ap.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables")
     args = ap.parse_args()
