@@ -18,6 +18,7 @@ Why it is built this way:
 
     nohup .venv/bin/python bench/quality_backbones.py > runs/quality-beauty.log 2>&1 &
     # or one process per arm, in parallel, on ONE Ray (two local Rays break Ray Train's cleanup):
+    export RAY_AUTH_MODE=token
     RAY_ADDRESS=127.0.0.1:6390 ray start --head --node-ip-address 127.0.0.1 --port 6390 \
         --num-cpus 4 --include-dashboard false
     for b in sasrec bert4rec; do

@@ -137,3 +137,19 @@ def test_reduce_user_and_position_by_hand() -> None:
     assert float(reduce(sums, counts, "user", w, a_s, a_c)) == pytest.approx((0.5 * 2 + 0.5 * 1 + 1 + 2) / 3)
     assert float(reduce(sums, counts, "position", w, a_s, a_c)) == pytest.approx(
         (0.5 * 6 + 0.5 * 2 + 1 + 4) / (0.5 * 3 + 0.5 * 2 + 1 + 2))
+
+
+def test_transitions_baseline_reads_the_last_item_and_falls_back_to_popularity() -> None:
+    import numpy as np
+
+    from llmser_ray.models.baselines import MostPopular, Transitions
+
+    train = [np.array([1, 2, 3]), np.array([1, 2, 4]), np.array([5, 2, 3]), np.array([4, 4, 4])]
+    tr = Transitions(train, 5)
+    scores = tr.score_all(torch.tensor([[0, 2], [0, 3], [0, 1]]))
+    # After 2: 3 (twice) then 4 (once); nothing follows 3, so popularity orders everything.
+    assert scores[0].argsort(descending=True)[:2].tolist() == [3, 4]
+    pop = MostPopular(train, 5).score_all(torch.tensor([[1]]))[0]
+    assert scores[1].argsort(descending=True).tolist()[:5] == pop.argsort(descending=True).tolist()[:5]
+    assert scores[2, 2] > scores[2, 4] > 0  # 1 -> 2 twice, 4 only by popularity
+    assert pop[4] == 4 and pop[0] == 0

@@ -127,3 +127,44 @@ def test_trials_get_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     err = StageError("no prepared dataset", "run prepare")
     for again in (copy.copy(err), pickle.loads(pickle.dumps(err))):
         assert str(again) == "no prepared dataset. Fix: run prepare" and again.fix == "run prepare"
+
+
+def test_backbone_target_searches_the_plain_model() -> None:
+    """tune.target=backbone: trials train the backbone alone (no augmentation), and dual.* keys
+    are refused; continuous domains hand integer keys over as floats."""
+    cfg = load_config(None, ["tune.target=backbone",
+                             'tune.search={"train.loss": {"choice": ["ce", "sampled"]}, '
+                             '"model.hidden": {"randint": [32, 65]}}'])
+    check_search(cfg)
+    trial = trial_config(cfg.model_dump(mode="json"), {"train.loss": "sampled", "model.hidden": 48.0})
+    assert not trial.dual.enabled and trial.train.loss == "sampled" and trial.model.hidden == 48
+    with pytest.raises(ConfigError, match="tune.target=backbone trains without augmentation"):
+        check_search(load_config(None, ["tune.target=backbone",
+                                        'tune.search={"dual.beta": {"grid": [0.2]}}']))
+    assert trial_config(load_config(None, []).model_dump(mode="json"), {}).dual.enabled  # dual by default
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(not BEAUTY.is_dir(), reason="../shared/data is not present")
+def test_backbone_search_runs_for_real_on_a_beauty_subset(tmp_path: Path) -> None:
+    """The search tune_configs/backbone_beauty.yaml runs, at test size: two losses, no LLM stage."""
+    sets = [f"workdir={tmp_path / 'w'}", "data.source=s3rec", f"data.path={_subset(tmp_path)}",
+            f"data.item_path={BEAUTY / 'items.jsonl'}", "model.hidden=16", "model.max_len=20",
+            "model.layers=1", "train.epochs=2", "train.torch_threads=1", "ray.num_cpus=4",
+            "ray.include_dashboard=false", "tune.target=backbone", "tune.scheduler=fifo",
+            "tune.max_concurrent_trials=2", "train.num_negatives=64",
+            'tune.search={"train.loss": {"grid": ["ce", "sampled"]}}']
+    cmd = [sys.executable, "-m", "llmser_ray", "tune"]
+    for s in sets:
+        cmd += ["--set", s]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1500,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    cfg = load_config(None, sets)
+    workdir = cfg.workdir_path
+    assert not (workdir / "candidates").exists() and not (workdir / "models").exists()  # no upstream
+    summary = json.loads((workdir / "tune" / experiment_name(cfg) / "report" / "summary.json").read_text())
+    assert sorted(t["train.loss"] for t in summary["trials"]) == ["ce", "sampled"]
+    assert all(t["status"] == "completed" and t["test_overall_ndcg@10"] > 0 for t in summary["trials"])
+    assert summary["baseline"] is None
