@@ -95,7 +95,7 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """Backbone architecture; defaults are the reference hyperparameters (METHOD.md)."""
+    """Backbone architecture: the papers' reference sizes (METHOD.md); not searched yet (issue 17)."""
 
     backbone: Literal["sasrec", "bert4rec", "gru4rec"] = "sasrec"
     hidden: int = Field(64, ge=8, le=4096)
