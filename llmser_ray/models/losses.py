@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from llmser_ray.config import TrainConfig
+
 LossName = Literal["ce", "sampled", "gbce", "bce"]
 Reduction = Literal["position", "user"]
 # Negatives per target when train.num_negatives is unset: the papers' one for BCE; gSASRec's and
@@ -133,10 +135,9 @@ class Objective:
     reduction: Reduction = "position"
 
     @classmethod
-    def from_config(cls, train: object) -> Objective:
-        loss = train.loss  # type: ignore[attr-defined]
-        k = train.num_negatives or DEFAULT_NEGATIVES[loss]  # type: ignore[attr-defined]
-        return cls(loss, k, train.logq, train.gbce_t, train.reduction)  # type: ignore[attr-defined]
+    def from_config(cls, train: TrainConfig) -> Objective:
+        k = train.num_negatives or DEFAULT_NEGATIVES[train.loss]
+        return cls(train.loss, k, train.logq, train.gbce_t, train.reduction)
 
     def per_position(self, h: torch.Tensor, item_emb: torch.Tensor, pos: torch.Tensor,
                      generator: torch.Generator | None) -> torch.Tensor:
