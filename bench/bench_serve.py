@@ -261,8 +261,8 @@ def pseudo_quality(cfg: Any, max_len: int, limit: int) -> dict[str, dict[str, fl
     for start in range(0, len(hist), 256):
         cands += state.candidates(hist[start:start + 256])
     n = (state._served_dual() or cfg.dual).num_pseudo
-    best_last = [c[:n][::-1] for c in cands]
-    best_first = [c[:n] for c in cands]
+    best_last = [state.pseudo_prefix(c) for c in cands]  # the served prefix
+    best_first = [c[:n] for c in cands]  # the same items, the other way round (the ablation)
     models = {"served": state.model}
     plain = cfg.workdir_path / "models" / state.backbone
     if state.model_name != state.backbone and (plain / "best" / "model.json").is_file():

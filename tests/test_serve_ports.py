@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmser_ray import ports, serving
+from llmser_ray import ports
 from llmser_ray.config import ServeConfig, load_config
 from llmser_ray.errors import ConfigError
+from llmser_ray.serving import ingress
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -59,17 +60,17 @@ def test_pick_port_returns_a_bindable_port_outside_the_ephemeral_range(held: int
 
 
 def test_serve_env_puts_stats_and_metrics_on_unix_sockets_and_picks_the_fallback_port() -> None:
-    env = serving.serve_env(ServeConfig())
+    env = ingress.serve_env(ServeConfig())
     assert env["LLMSER_HAPROXY_UNIX_LISTENERS"] == "stats,prometheus"
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env and "RAY_SERVE_HAPROXY_METRICS_PORT" not in env
     lo, hi = ports.ephemeral_range()
-    fallback = {int(serving.serve_env(ServeConfig())["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]) for _ in range(5)}
+    fallback = {int(ingress.serve_env(ServeConfig())["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]) for _ in range(5)}
     assert all(not lo <= p <= hi for p in fallback) and len(fallback) > 1  # picked fresh each call
 
 
 def test_serve_env_uses_explicit_ports_as_given() -> None:
     a, b, c = ports.pick_port(), ports.pick_port(), ports.pick_port()
-    env = serving.serve_env(ServeConfig(stats_port=a, metrics_port=b, fallback_port=c))
+    env = ingress.serve_env(ServeConfig(stats_port=a, metrics_port=b, fallback_port=c))
     assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == str(a)
     assert env["RAY_SERVE_HAPROXY_METRICS_PORT"] == str(b)
     assert env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == str(c)
@@ -79,7 +80,7 @@ def test_serve_env_uses_explicit_ports_as_given() -> None:
 @pytest.mark.parametrize("key", ["port", "stats_port", "metrics_port", "fallback_port"])
 def test_an_explicit_port_in_use_is_a_one_line_error_naming_it(held: int, key: str) -> None:
     with pytest.raises(ConfigError) as e:
-        serving.check_explicit_ports(ServeConfig(**{key: held}))
+        ingress.check_explicit_ports(ServeConfig(**{key: held}))
     assert f"serve.{key}: port {held} on 127.0.0.1 is already in use" in str(e.value)
     assert "\n" not in str(e.value) and e.value.fix
 
@@ -127,7 +128,7 @@ def test_a_picked_port_taken_before_serve_binds_it_is_picked_again(
 
     monkeypatch.setattr(ports, "pick_port", pick)
     lines: list[str] = []
-    serving.start_local_serve(_ray_cfg("serve.port=0"), log=lines.append)
+    ingress.start_local_serve(_ray_cfg("serve.port=0"), log=lines.append)
     assert len(lines) == 1 and "retrying with fresh ports" in lines[0], lines
     assert len(calls) == 4  # two per attempt
     from ray.serve.context import _get_global_client
@@ -145,7 +146,7 @@ def test_an_explicit_port_taken_before_serve_binds_it_fails_with_the_line(
         clean_ray, held: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A port the user set is used as given: free when checked, taken before the proxy binds
     it, the start fails with the one-line error naming it instead of picking another."""
-    real = serving.check_explicit_ports
+    real = ingress.check_explicit_ports
     checks: list[int] = []
 
     def check_later(sc: ServeConfig) -> None:
@@ -153,9 +154,9 @@ def test_an_explicit_port_taken_before_serve_binds_it_fails_with_the_line(
         if len(checks) > 1:  # the first check sees it free (taken "after" it)
             real(sc)
 
-    monkeypatch.setattr(serving, "check_explicit_ports", check_later)
+    monkeypatch.setattr(ingress, "check_explicit_ports", check_later)
     with pytest.raises(ConfigError) as e:
-        serving.start_local_serve(_ray_cfg("serve.port=0", f"serve.fallback_port={held}"),
+        ingress.start_local_serve(_ray_cfg("serve.port=0", f"serve.fallback_port={held}"),
                                   log=lambda _: None)
     assert f"serve.fallback_port: port {held}" in str(e.value)
     import ray

@@ -445,7 +445,7 @@ listen stats
 @pytest.mark.parametrize("host, expect", [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"),
                                           ("0.0.0.0", "0.0.0.0")])
 def test_haproxy_wrapper_moves_wildcard_listeners_to_the_serve_host(host: str, expect: str) -> None:
-    from llmser_ray.serve_haproxy import restrict
+    from llmser_ray.serving.haproxy import restrict
 
     out = restrict(HAPROXY_TEMPLATE_LIKE, host)
     binds = [line.split()[1] for line in out.splitlines() if line.strip().startswith("bind")]
@@ -475,7 +475,7 @@ def test_haproxy_wrapper_puts_the_named_listeners_on_unix_sockets(tmp_path: Path
     """serve.stats_port/metrics_port 0 (the default): the stats page and the Prometheus exporter
     listen on owner-only unix sockets beside the admin socket, so HAProxy binds no TCP port that
     was picked before Ray started; the real HAProxy accepts the rewritten config."""
-    from llmser_ray.serve_haproxy import rewrite
+    from llmser_ray.serving.haproxy import rewrite
 
     sock = tmp_path / "a.sock"
     text = HAPROXY_TEMPLATE_LIKE.replace("/tmp/x/admin.sock", str(sock)) + "defaults\n    mode http\n"

@@ -17,17 +17,29 @@ from llmser_ray.data.padding import pad_left
 
 
 def topk_scores(model: Any, inputs: list[np.ndarray], exclude: list[np.ndarray], k: int,
-                device: str = "cpu", batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """``[n, k]`` best items (and scores) per input, never padding or an excluded item."""
+                device: str = "cpu", batch_size: int = 512, trim: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """``[n, k]`` best items (and scores) per input, never padding, an excluded item or a NaN
+    score; slots beyond the eligible items hold item 0 and score -inf.
+
+    The one top-k of the project: the augmentation stages score every user with it, and the
+    server scores each request batch with it (``serving.state``), so a served ranking is the
+    stage's ranking. ``trim`` pads each batch only to its longest input (at most
+    ``model.max_len``) instead of ``model.max_len``: the same scores up to float rounding, and
+    far less work for the short ad-hoc histories a server sees.
+    """
     n = len(inputs)
     items = np.zeros((n, k), dtype=np.int64)
     scores = np.full((n, k), -np.inf, dtype=np.float32)
     model.eval()
-    with torch.no_grad():
+    with torch.inference_mode():
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            seqs = torch.from_numpy(pad_left(inputs[start:stop], model.max_len)).to(device)
+            chunk = inputs[start:stop]
+            width = max(1, min(model.max_len, max(len(x) for x in chunk))) if trim else model.max_len
+            seqs = torch.from_numpy(pad_left(chunk, width)).to(device)
             s = model.score_all(seqs).float()
+            s.masked_fill_(s.isnan(), -torch.inf)
             s[:, 0] = -torch.inf
             ex = exclude[start:stop]
             longest = max((len(e) for e in ex), default=0)

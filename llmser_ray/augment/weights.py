@@ -45,6 +45,26 @@ def order_by_candidate_rank(pseudo: np.ndarray, candidates: np.ndarray) -> np.nd
                     dtype=np.int64)
 
 
+def candidate_prefix(candidates: np.ndarray, n: int) -> np.ndarray:
+    """The no-LLM prefix (``dual.pseudo_source=candidates``): the top ``n`` candidates, reversed.
+
+    Candidates are ranked "most plausible earlier item first" (the reverse model scores each
+    item as the one just before the first real item); the one nearest in time to the real
+    history should sit next to it, so the best goes last. Dual training and the server both
+    build the prefix here, so the served one is the one the model was trained on.
+    """
+    return np.asarray(candidates[:n], dtype=np.int64)[::-1].copy()
+
+
+def selection_prefix(picked: np.ndarray | list[int], candidates: np.ndarray, n: int,
+                     order: str) -> np.ndarray:
+    """The LLM prefix (``dual.pseudo_source=llm``): the first ``n`` items the LLM picked, in
+    the LLM's order, or by candidate rank (best last) with ``dual.order=candidate``. Shared by
+    dual training and the server's per-request LLM call."""
+    prefix = np.asarray(picked[:n], dtype=np.int64)
+    return order_by_candidate_rank(prefix, candidates) if order == "candidate" else prefix
+
+
 @dataclass
 class Augmentation:
     """Pseudo items (empty array for users without) and channel weights, indexed like the dataset."""
@@ -88,16 +108,14 @@ def load_augmentation(cfg: Config, ds: SeqDataset) -> Augmentation:
     pseudo = [empty] * ds.num_users
     weight = np.zeros(ds.num_users, dtype=np.float64)
     if cfg.dual.pseudo_source == "llm":
-        lists = [p[:n] for p in split_list_column(table.column("pseudo_items"))]
-        if cfg.dual.order == "candidate":
-            cands = split_list_column(table.column("candidates"))
-            lists = [order_by_candidate_rank(p, c) for p, c in zip(lists, cands, strict=True)]
+        picked = split_list_column(table.column("pseudo_items"))
+        cands = (split_list_column(table.column("candidates")) if cfg.dual.order == "candidate"
+                 else [empty] * len(picked))  # read only to order by rank
+        lists = [selection_prefix(p, c, n, cfg.dual.order) for p, c in zip(picked, cands, strict=True)]
         r = table.column("r_u").to_numpy(zero_copy_only=False)
         w = decay_weights(r, ds.train_len[users - 1], cfg.dual.decay, cfg.dual.beta, cfg.decay_threshold)
     else:
-        # Candidates are ranked "most plausible earlier item first"; the one nearest in time to
-        # the real history should sit next to it, so the top-N are reversed before prepending.
-        lists = [c[:n][::-1].copy() for c in split_list_column(table.column("candidates"))]
+        lists = [candidate_prefix(c, n) for c in split_list_column(table.column("candidates"))]
         w = np.full(len(users), cfg.dual.constant_weight)
     for u, items, wu in zip(users, lists, w, strict=True):
         items = np.asarray(items, dtype=np.int64)

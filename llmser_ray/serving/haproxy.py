@@ -17,7 +17,8 @@ beside HAProxy's admin socket instead of a TCP port: Serve itself reads neither 
 admin socket), and a TCP port picked before Ray starts can be taken by one of Ray's own
 connections before HAProxy binds it (issue 22).
 
-It imports nothing heavy: Serve runs it at every start and reload.
+It imports nothing heavy, and neither does the package's ``__init__`` (its names load on first
+use): Serve runs it at every start and reload.
 """
 
 from __future__ import annotations
