@@ -29,7 +29,8 @@ def loadavg() -> str:
 
 @dataclass
 class TrainingSteps:
-    """A fresh model, its optimizer and real Beauty batches, as ``training.train_epoch`` pads them."""
+    """A fresh model, its optimizer and real Beauty batches (``[B, W]`` tensors), as
+    ``training.train_epoch`` pads them."""
 
     model: Any
     batches: list[Any]
@@ -37,14 +38,15 @@ class TrainingSteps:
 
 
 def training_steps(cfg: Any, ds: Any, n_batches: int) -> TrainingSteps:
-    """``n_batches`` batches of the random order training uses; ``step`` runs forward, backward
-    and one Adam update on one of them."""
+    """``n_batches`` batches of the random order training uses; ``step`` runs
+    ``training.train_step`` (forward, backward, one Adam update) on one of them."""
     import numpy as np
     import torch
 
     from llmser_ray.models import build_model
-    from llmser_ray.models.losses import Objective, reduce
-    from llmser_ray.training import LossModule, _batch_tensor, training_sequences
+    from llmser_ray.models.batching import TrainBatch, pad_batch
+    from llmser_ray.models.losses import Objective
+    from llmser_ray.training import LossModule, train_step, training_sequences
 
     torch.manual_seed(0)
     model = build_model(cfg.model, ds.num_items)
@@ -53,16 +55,12 @@ def training_steps(cfg: Any, ds: Any, n_batches: int) -> TrainingSteps:
     seqs = [s for s in training_sequences(ds, False) if len(s) >= 2]
     order = np.random.default_rng(1).permutation(len(seqs))
     bs = cfg.train.batch_size
-    batches = [_batch_tensor([seqs[i] for i in order[s:s + bs]], cfg.model.max_len)
+    batches = [pad_batch([seqs[i] for i in order[s:s + bs]], cfg.model.max_len)
                for s in range(0, bs * n_batches, bs)]
     gen = torch.Generator().manual_seed(0)
     objective = Objective.from_config(cfg.train)
 
     def step(batch: Any) -> None:
-        stats = wrapped(batch, objective, gen)
-        loss = reduce(stats[:, 0], stats[:, 1], objective.reduction)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(wrapped, opt, TrainBatch.plain(batch), objective, gen)
 
     return TrainingSteps(model, batches, step)

@@ -33,13 +33,13 @@ from safetensors.torch import load_file, save_file
 
 from llmser_ray.config import Config, ModelConfig
 from llmser_ray.data.dataset import SeqDataset, load_dataset
-from llmser_ray.data.padding import pad_left
 from llmser_ray.errors import StageError
 from llmser_ray.evaluation import metrics_from_ranks, rank_targets, user_groups
 from llmser_ray.io import atomic_dir, manifest_header, read_manifest, write_json
 from llmser_ray.models import build_model
 from llmser_ray.models.base import SeqRecModel
-from llmser_ray.models.losses import Objective, reduce
+from llmser_ray.models.batching import TrainBatch, by_length, training_batch
+from llmser_ray.models.losses import Objective
 
 SCHEMA_VERSION = 1
 TRAIN_SECTIONS = ("model", "train", "eval")
@@ -126,7 +126,19 @@ class TrainingData:
 
 
 class LossModule(torch.nn.Module):
-    """DDP only synchronises gradients of ``forward``; route the per-sequence loss through it."""
+    """The module DDP wraps: a backbone's per-sequence losses of one batch, in ONE ``forward``.
+
+    Why the loss runs inside ``forward`` and not after ``model(seqs)``: a step calls the backbone
+    once per length bucket, and ranks hold different buckets, so calling the DDP-wrapped
+    backbone per bucket would run a different number of DDP forwards on each rank (each one may
+    start collectives: buffer broadcast, the unused-parameter search of
+    ``find_unused_parameters``), and DDP's contract is one forward per backward. The tied item
+    table is used twice (input lookup and output scores); keeping both uses inside this
+    ``forward`` makes the graph DDP sees hold every parameter, under any DDP option. (Two gloo
+    ranks with a tied table used again outside ``forward``, and with several forwards per
+    backward, still got the ranks' mean gradient, with ``find_unused_parameters`` on and off:
+    that rests on DDP internals, not on its documented contract, so it is not relied on.)
+    """
 
     def __init__(self, model: SeqRecModel) -> None:
         super().__init__()
@@ -134,13 +146,21 @@ class LossModule(torch.nn.Module):
 
     def forward(self, seqs: torch.Tensor, objective: Objective,
                 generator: torch.Generator | None) -> torch.Tensor:
-        return self.model.loss(seqs, objective, generator)
+        """Loss sum and target count ``[B, 2]`` of each row of ``seqs`` (``Objective.per_sequence``).
 
+        Per length bucket, narrowest first: the training task (BERT4Rec draws its Cloze mask
+        from ``generator`` here), the hidden states, the losses (sampled negatives are drawn
+        here too). That order fixes which draw lands where, so a seed fixes the losses
+        (``tests/test_training_step.py`` pins them).
+        """
+        model = self.model
 
-def _batch_tensor(seqs: list[np.ndarray], max_len: int) -> torch.Tensor:
-    # +1: causal models read positions [:-1] and predict [1:].
-    longest = max((len(s) for s in seqs), default=1)
-    return torch.from_numpy(pad_left(seqs, min(max_len + 1, max(longest, 2))))
+        def per_sequence(sub: torch.Tensor) -> torch.Tensor:
+            inputs, targets, valid = model.training_task(sub, generator)
+            h = model(inputs)
+            return objective.per_sequence(h, model.item_embeddings(), targets, valid, generator)
+
+        return by_length(per_sequence, seqs, 2) if model.bucket_by_length else per_sequence(seqs)
 
 
 def _shard(n: int, rank: int, world: int, rng: np.random.Generator) -> np.ndarray:
@@ -167,56 +187,51 @@ def _gather_ranks(local: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def train_step(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, batch: TrainBatch,
+               objective: Objective, gen: torch.Generator | None) -> float:
+    """One optimizer step on ``batch``; returns its loss.
+
+    ``wrapped`` is ``LossModule(model)``, possibly inside DDP: its forward gives each row's loss
+    sum and target count, ``Objective.batch_loss`` reduces them (and weighs the dual channels)
+    into the loss, whose backward DDP all-reduces before the step.
+    """
+    stats = wrapped(batch.seqs, objective, gen)  # [rows, 2]: hidden states -> per-sequence losses
+    loss = objective.batch_loss(stats, batch.aug_users, batch.aug_weights)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def batch_loss(wrapped: torch.nn.Module, idx: np.ndarray, train_seqs: list[np.ndarray], cfg: Config,
                device: torch.device | str, gen: torch.Generator | None,
                aug_seqs: list[np.ndarray] | None = None,
                weights: np.ndarray | None = None) -> torch.Tensor:
-    """The batch loss over the original and (for dual-channel training) augmented sequences of
-    the users ``idx``, weighted ``1 - w_u`` and ``w_u`` and reduced as ``losses.reduce`` says.
-
-    Both channels of the same users go through ONE forward pass (the augmented rows appended to
-    the original ones), so DDP sees one graph per step and a user's two channels always share a
-    step. Users with ``w_u = 0`` (not augmented) contribute only their original sequence.
-    """
+    """The loss ``train_step`` would backpropagate for users ``idx``, both channels weighted
+    ``1 - w_u`` and ``w_u`` (for tests and benchmarks that inspect it without a step)."""
     objective = Objective.from_config(cfg.train)
-    seqs = [train_seqs[i] for i in idx]
-    aug_rows = np.zeros(0, dtype=np.int64)
-    if aug_seqs is not None and weights is not None:
-        aug_rows = np.flatnonzero(weights[idx] > 0)
-        seqs += [aug_seqs[idx[j]] for j in aug_rows]
-    batch = _batch_tensor(seqs, cfg.model.max_len).to(device)
-    stats = wrapped(batch, objective, gen)  # [rows, 2]: loss sum and target count per sequence
-    n = len(idx)
-    sums, counts = stats[:n, 0], stats[:n, 1]
-    if not len(aug_rows):
-        return reduce(sums, counts, objective.reduction)
-    rows = torch.from_numpy(aug_rows).to(stats.device)
-    w = torch.zeros(n, dtype=stats.dtype, device=stats.device)
-    w[rows] = torch.as_tensor(weights[idx[aug_rows]], dtype=stats.dtype, device=stats.device)
-    aug_sums = torch.zeros_like(sums).index_copy(0, rows, stats[n:, 0])
-    aug_counts = torch.zeros_like(counts).index_copy(0, rows, stats[n:, 1])
-    return reduce(sums, counts, objective.reduction, w, aug_sums, aug_counts)
+    batch = training_batch(idx, train_seqs, cfg.model.max_len, aug_seqs, weights).to(device)
+    return objective.batch_loss(wrapped(batch.seqs, objective, gen), batch.aug_users,
+                                batch.aug_weights)
 
 
 def train_epoch(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, train_seqs: list[np.ndarray],
                 order: np.ndarray, cfg: Config, device: torch.device | str,
                 gen: torch.Generator | None, aug_seqs: list[np.ndarray] | None = None,
                 weights: np.ndarray | None = None) -> float:
-    """One pass over ``order``; shared by the Ray worker loop and the plain-PyTorch benchmark.
+    """One pass over ``order``, ``train.batch_size`` users a step; shared by the Ray worker loop
+    and the plain-PyTorch benchmarks. Returns the mean step loss.
 
     With ``aug_seqs`` and ``weights`` (indexed like ``train_seqs``) it is a dual-channel epoch.
     """
+    objective = Objective.from_config(cfg.train)
     wrapped.train()
-    total, steps = 0.0, 0
+    losses = []
     for start in range(0, len(order), cfg.train.batch_size):
         idx = order[start:start + cfg.train.batch_size]
-        loss = batch_loss(wrapped, idx, train_seqs, cfg, device, gen, aug_seqs, weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += float(loss.detach())
-        steps += 1
-    return total / max(steps, 1)
+        batch = training_batch(idx, train_seqs, cfg.model.max_len, aug_seqs, weights).to(device)
+        losses.append(train_step(wrapped, opt, batch, objective, gen))
+    return sum(losses) / max(len(losses), 1)
 
 
 # ----------------------------------------------------------------------------- the worker loop

@@ -1,4 +1,4 @@
-"""Backbones: shapes, padding, causality, the loss contract and that each one can learn."""
+"""Backbones: shapes, padding, causality, length buckets, the loss contract and that each one can learn."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from safetensors.torch import load_file, save_file
 
 from llmser_ray.config import ModelConfig
 from llmser_ray.models import BERT4Rec, GRU4Rec, SASRec, build_model
+from llmser_ray.models.batching import by_length
 from llmser_ray.models.losses import Objective, bce_loss, ce_loss, sample_negatives
 from llmser_ray.models.sasrec import attention_mask
+from llmser_ray.training import LossModule
 
 NUM_ITEMS = 20
 LOSSES = ["ce", "sampled", "gbce", "bce"]
@@ -36,20 +38,26 @@ def _model(name: str, **over) -> torch.nn.Module:
     return build_model(ModelConfig(**kw), NUM_ITEMS)
 
 
+def _stats(model: torch.nn.Module, seqs: torch.Tensor, objective: Objective,
+           gen: torch.Generator | None) -> torch.Tensor:
+    """Per-sequence loss sums and target counts ``[B, 2]``, as a training step computes them."""
+    return LossModule(model)(seqs, objective, gen)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_shapes_and_no_nan(name: str) -> None:
     model = _model(name)
     for mode in (True, False):
         model.train(mode)
-        h = model.encode(SEQS)
-        assert h.shape == (5, 6, 16)  # encode reads at most max_len positions
+        h = model(SEQS)
+        assert h.shape == (5, 6, 16)  # forward reads at most max_len positions
         assert model.user_repr(SEQS).shape == (5, 16)
         assert model.item_embeddings().shape == (NUM_ITEMS + 1, 16)
         scores = model.score_all(SEQS)
         assert scores.shape == (5, NUM_ITEMS + 1)
         assert torch.isfinite(h).all() and torch.isfinite(scores).all()
         for loss in LOSSES:
-            stats = model.loss(SEQS, Objective(loss, 3), torch.Generator().manual_seed(0))
+            stats = _stats(model, SEQS, Objective(loss, 3), torch.Generator().manual_seed(0))
             assert stats.shape == (5, 2)
             assert torch.isfinite(stats).all()
             assert (stats[0] == 0).all()  # nothing to predict
@@ -59,7 +67,7 @@ def test_shapes_and_no_nan(name: str) -> None:
 @pytest.mark.parametrize("name", VARIANTS)
 def test_gradients_finite_and_reach_every_parameter(name: str) -> None:
     model = _model(name)
-    model.loss(SEQS, Objective("bce", 2), None)[:, 0].sum().backward()
+    _stats(model, SEQS, Objective("bce", 2), None)[:, 0].sum().backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, pname  # DDP needs every parameter used
         assert torch.isfinite(p.grad).all(), pname
@@ -70,7 +78,7 @@ def test_all_padding_batch_has_zero_loss() -> None:
     for name in VARIANTS:
         model = _model(name)
         for loss in LOSSES:
-            out = model.loss(empty, Objective(loss, 2), None)
+            out = _stats(model, empty, Objective(loss, 2), None)
             assert torch.equal(out, torch.zeros(3, 2)), name
         assert torch.isfinite(model.score_all(empty)).all(), name
 
@@ -102,7 +110,7 @@ def test_sasrec_causality(variant: str, causal: bool) -> None:
     a = torch.tensor([[0, 1, 2, 3, 4, 5]])
     b = a.clone()
     b[0, -1] = 17
-    ha, hb = model.encode(a), model.encode(b)
+    ha, hb = model(a), model(b)
     assert torch.allclose(ha[:, :-1], hb[:, :-1], atol=1e-6) is causal
     assert not torch.allclose(ha[:, -1], hb[:, -1])
 
@@ -134,7 +142,7 @@ def test_overfits_a_fixed_batch(name: str, loss: str) -> None:
     losses = []
     for _ in range(40):
         gen.manual_seed(0)  # the same masks and negatives every step: a fixed objective
-        stats = model.loss(batch, Objective(loss, 2), gen)
+        stats = _stats(model, batch, Objective(loss, 2), gen)
         value = stats[:, 0].sum() / stats[:, 1].sum()
         opt.zero_grad()
         value.backward()
@@ -203,27 +211,46 @@ def test_build_model_and_safetensors_round_trip(tmp_path) -> None:
 
 @pytest.mark.parametrize("name", ["sasrec", "bert4rec", "gru4rec"])
 def test_length_buckets_give_the_unbucketed_results(name: str) -> None:
-    """``user_repr`` and ``loss`` run length buckets (``by_length``); the results must be those of
-    the whole batch at its full width, row for row, gradients included."""
+    """``user_repr`` and the training step run length buckets (``batching.by_length``); the
+    results must be those of the whole batch at its full width, row for row, gradients
+    included. Forced on for GRU4Rec too (it turns buckets off for speed, not exactness)."""
     model = _model(name, max_len=12, last_item_mask_prob=1.0).eval()  # deterministic Cloze
-    model.bucket_by_length = True  # GRU4Rec turns buckets off by default; they must still be exact
     gen = torch.Generator().manual_seed(3)
     lengths = [0, 1, 2, 3, 5, 8, 9, 13, 4, 1]
     batch = torch.zeros(len(lengths), 14, dtype=torch.long)
     for row, n in enumerate(lengths):
         if n:
             batch[row, -n:] = torch.randint(1, NUM_ITEMS + 1, (n,), generator=gen)
+    torch.testing.assert_close(by_length(model.last_state, batch, 1), model.last_state(batch))
+    model.bucket_by_length = True
     torch.testing.assert_close(model.user_repr(batch), model.last_state(batch))
-    bucketed = model.loss(batch, Objective("ce"), None)
-    whole = model.sequence_loss(batch, Objective("ce"), None)
+    bucketed = _stats(model, batch, Objective("ce"), None)
+    model.bucket_by_length = False
+    whole = _stats(model, batch, Objective("ce"), None)
     torch.testing.assert_close(bucketed, whole)
     grads = torch.autograd.grad(bucketed.sum(), model.item_emb.weight)[0]
     torch.testing.assert_close(grads, torch.autograd.grad(whole.sum(), model.item_emb.weight)[0])
 
 
+def test_by_length_makes_one_call_per_power_of_two_width() -> None:
+    """Rows are grouped by the power of two holding their real length (at least ``min_width``),
+    narrowest group first, and come back in their original order."""
+    seqs = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 5], [1, 2, 3, 4, 5, 6, 7, 8],
+                         [0, 0, 0, 0, 0, 6, 7, 8], [0, 0, 0, 0, 0, 0, 0, 0]])
+    calls: list[tuple[int, int]] = []
+
+    def fn(sub: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(sub.shape))
+        return sub.sum(1, keepdim=True)
+
+    out = by_length(fn, seqs, 2)
+    assert calls == [(2, 2), (1, 4), (1, 8)]  # lengths 1 and 0 -> width 2, 3 -> 4, 8 -> 8
+    torch.testing.assert_close(out, seqs.sum(1, keepdim=True))
+
+
 def test_reference_sasrec_is_never_bucketed() -> None:
     """The reference variant attends to padding, so its output depends on the width it is given."""
     model = _model("sasrec", sasrec_variant="reference").eval()
-    assert not model.pad_invariant
+    assert not model.bucket_by_length
     seqs = torch.tensor([[0, 0, 0, 0, 3, 4], [1, 2, 3, 4, 5, 6]])
     torch.testing.assert_close(model.user_repr(seqs), model.last_state(seqs))

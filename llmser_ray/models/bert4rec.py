@@ -17,7 +17,6 @@ import torch.nn as nn
 
 from llmser_ray.config import ModelConfig
 from llmser_ray.models.base import SeqRecModel
-from llmser_ray.models.losses import Objective
 from llmser_ray.models.sasrec import Block, attention_mask, init_weights
 
 
@@ -44,7 +43,7 @@ class BERT4Rec(SeqRecModel):
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
         self.apply(init_weights)
 
-    def encode(self, seqs: torch.Tensor) -> torch.Tensor:
+    def forward(self, seqs: torch.Tensor) -> torch.Tensor:
         seqs = seqs[:, -self.max_len:]
         n = seqs.shape[1]
         keep = (seqs > 0).unsqueeze(-1)
@@ -59,7 +58,7 @@ class BERT4Rec(SeqRecModel):
         """The output at a [MASK] appended after the last ``max_len - 1`` history items."""
         history = seqs[:, -(self.max_len - 1):]
         mask = torch.full_like(history[:, :1], self.mask_token)
-        return self.encode(torch.cat([history, mask], dim=1))[:, -1]
+        return self(torch.cat([history, mask], dim=1))[:, -1]
 
     def cloze_mask(self, seqs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Which positions to hide: each item with ``mask_prob``, at least one per non-empty row.
@@ -79,11 +78,10 @@ class BERT4Rec(SeqRecModel):
         last[:, -1] = valid[:, -1]
         return torch.where(only_last, last, masked)
 
-    def sequence_loss(self, seqs: torch.Tensor, objective: Objective,
-                      generator: torch.Generator | None) -> torch.Tensor:
-        """Per-sequence loss sum and count ``[B, 2]`` over the Cloze-masked positions of the last
-        ``max_len`` items."""
+    def training_task(self, seqs: torch.Tensor, generator: torch.Generator | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The Cloze task on the last ``max_len`` items: the input has [MASK] at the
+        ``cloze_mask`` positions, which are the ones that count, each predicting its own item."""
         seqs = seqs[:, -self.max_len:]
         masked = self.cloze_mask(seqs, generator)
-        h = self.encode(seqs.masked_fill(masked, self.mask_token))
-        return self.masked_loss(h, seqs, masked, objective, generator)
+        return seqs.masked_fill(masked, self.mask_token), seqs, masked

@@ -44,7 +44,7 @@ class GRU4Rec(SeqRecModel):
                           dropout=cfg.dropout if cfg.layers > 1 else 0.0)
         self.item_emb.apply(init_weights)
 
-    def encode(self, seqs: torch.Tensor) -> torch.Tensor:
+    def forward(self, seqs: torch.Tensor) -> torch.Tensor:
         seqs = seqs[:, -self.max_len:]
         n = seqs.shape[1]
         lengths = (seqs > 0).sum(1)

@@ -1,17 +1,20 @@
 """The training objective: next-item losses per target position and their reduction to a batch.
 
-Every backbone hands ``Objective.per_position`` the hidden states of its target positions
-(``[N, D]``) and gets one loss per position back; ``reduce`` turns per-sequence sums and counts
-into the batch loss, with the dual-channel weighting of LLMSeR (docs/TRAINING.md has the
-formulas). The losses, from the measured best to the papers' setting:
+The one place a step's loss is defined. A training step (``training.train_step``) hands
+``Objective.per_sequence`` the hidden states of a batch, the item table, the targets and which
+positions count, and gets each sequence's loss sum and target count back; ``Objective.batch_loss``
+turns those into the number the step backpropagates: the per-position or per-user reduction
+and the dual-channel weighting of LLMSeR (``reduce``; docs/TRAINING.md has the formulas). The
+losses, from the measured best to the papers' setting:
 
 - ``ce``: full-softmax cross-entropy over all items (the strongest where ``N x num_items`` logits
   fit: Klenitskiy & Vasilev 2023, "Turning Dross Into Gold Loss: is BERT4Rec really better than
   SASRec?").
-- ``sampled``: softmax over the positive and ``K`` negatives drawn uniformly, shared by the whole
-  batch, with the logQ correction (each negative's logit minus ``log(K q_j)``, ``q_j = 1/n``), so
-  the sampled sum estimates the full partition function without bias: for catalogues where the
-  full softmax does not fit (docs/SCALING.md).
+- ``sampled``: softmax over the positive and ``K`` negatives drawn uniformly, one draw shared by
+  every position of a ``per_sequence`` call (a length bucket of the batch), with the logQ
+  correction (each negative's logit minus ``log(K q_j)``, ``q_j = 1/n``), so the sampled sum
+  estimates the full partition function without bias: for catalogues where the full softmax
+  does not fit (docs/SCALING.md).
 - ``gbce``: gSASRec's generalised BCE (Petrov & Macdonald, RecSys 2023) over the same shared
   negatives: ``beta * softplus(-s+) + sum_j softplus(s_j)`` with
   ``beta = alpha * (t * (1 - 1/alpha) + 1/alpha)``, ``alpha = K / (n - 1)``; ``t = 0`` is plain
@@ -56,9 +59,10 @@ def sample_negatives(pos: torch.Tensor, num_items: int, num_negatives: int,
 
 def shared_negatives(num_items: int, num_negatives: int, device: torch.device,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """``[K]`` items drawn uniformly (with replacement) from ``1..num_items``, for a whole batch.
+    """``[K]`` items drawn uniformly (with replacement) from ``1..num_items``, shared by ``N``
+    positions (those of one length bucket of a batch).
 
-    One draw per batch makes the negative logits one ``[N, D] x [D, K]`` product instead of a
+    One shared draw makes the negative logits one ``[N, D] x [D, K]`` product instead of a
     gather of ``N x K`` embeddings; a draw that hits a position's positive is masked there.
     """
     gen_device = generator.device if generator is not None else device
@@ -152,6 +156,40 @@ class Objective:
         if self.loss == "gbce":
             return gbce_loss(h, item_emb, pos, neg, self.gbce_t)
         raise ValueError(f"unknown loss '{self.loss}' (expected one of ce, sampled, gbce, bce)")
+
+    def per_sequence(self, h: torch.Tensor, item_emb: torch.Tensor, targets: torch.Tensor,
+                     valid: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Loss sum and target count ``[B, 2]`` of each row over its ``valid`` positions.
+
+        ``h`` ``[B, L, D]`` are a backbone's hidden states, ``targets`` ``[B, L]`` the item each
+        position must predict. Only valid positions are scored, which keeps the full-softmax
+        loss affordable; sums and counts (not means) let ``batch_loss`` choose the reduction.
+        """
+        rows = valid.nonzero(as_tuple=True)[0]
+        per_pos = self.per_position(h[valid], item_emb, targets[valid], generator)
+        out = h.new_zeros(h.shape[0], 2)
+        return out.index_add(0, rows, torch.stack([per_pos, torch.ones_like(per_pos)], dim=1))
+
+    def batch_loss(self, stats: torch.Tensor, aug_users: torch.Tensor | None = None,
+                   aug_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss a step backpropagates, from ``per_sequence`` rows ``[U + A, 2]``.
+
+        Rows ``0..U-1`` are the users' original sequences, row ``U + j`` the augmented sequence
+        of user ``aug_users[j]`` weighted ``aug_weights[j]`` (``batching.TrainBatch``); without
+        augmented rows this is the plain loss. ``reduce`` applies ``self.reduction``.
+        """
+        n_aug = 0 if aug_users is None else len(aug_users)
+        n = stats.shape[0] - n_aug
+        sums, counts = stats[:n, 0], stats[:n, 1]
+        if not n_aug:
+            return reduce(sums, counts, self.reduction)
+        assert aug_users is not None and aug_weights is not None
+        rows = aug_users.to(stats.device)
+        w = torch.zeros(n, dtype=stats.dtype, device=stats.device)
+        w[rows] = aug_weights.to(dtype=stats.dtype, device=stats.device)
+        aug_sums = torch.zeros_like(sums).index_copy(0, rows, stats[n:, 0])
+        aug_counts = torch.zeros_like(counts).index_copy(0, rows, stats[n:, 1])
+        return reduce(sums, counts, self.reduction, w, aug_sums, aug_counts)
 
 
 def reduce(sums: torch.Tensor, counts: torch.Tensor, reduction: Reduction,

@@ -106,7 +106,7 @@ class SASRec(SeqRecModel):
         # REFERENCE VARIANT (comparisons only): the LLMSeR reference code runs attention with no
         # mask at all (no causal mask, padded keys attended) and never applies its feed-forward.
         self.reference = cfg.sasrec_variant == "reference"
-        self.pad_invariant = not self.reference
+        self.bucket_by_length = not self.reference  # attending to padding: not width-invariant
         self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.drop = nn.Dropout(cfg.dropout)
@@ -115,7 +115,7 @@ class SASRec(SeqRecModel):
         self.ln_f = nn.LayerNorm(d)
         self.apply(init_weights)
 
-    def encode(self, seqs: torch.Tensor) -> torch.Tensor:
+    def forward(self, seqs: torch.Tensor) -> torch.Tensor:
         seqs = seqs[:, -self.max_len:]
         n = seqs.shape[1]
         keep = (seqs > 0).unsqueeze(-1)
