@@ -62,10 +62,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args()
 
-    from llmser_ray.augment.arv import validate
-    from llmser_ray.augment.sia import augment
-    from llmser_ray.data.prepare import prepare
-    from llmser_ray.pretrain import pretrain
+    from llmser_ray.stages.prepare import prepare
+    from llmser_ray.stages.pretrain import pretrain
+    from llmser_ray.stages.reliability import score_reliability as validate
+    from llmser_ray.stages.select import select_items as augment
 
     base = config(args, [])
     print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, "
@@ -120,7 +120,7 @@ def main() -> None:
 
 def engine_layouts(args: argparse.Namespace, counts: dict[str, Any], llm: str) -> None:
     """Constrained SIA once per engine layout on the same users, engine start included."""
-    from llmser_ray.augment.sia import augment
+    from llmser_ray.stages.select import select_items as augment
 
     rows = []
     for arm in [a.strip() for a in args.engines.split(",") if a.strip()]:

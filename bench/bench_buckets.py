@@ -21,7 +21,7 @@ from common import beauty_sets, loadavg, training_steps
 
 from llmser_ray.config import load_config
 from llmser_ray.data.dataset import load_dataset
-from llmser_ray.data.prepare import prepare
+from llmser_ray.stages.prepare import prepare
 
 SETTINGS = {"sasrec": [], "gru4rec": [], "bert4rec": ["train.loss=ce", "model.mask_prob=0.6"]}
 

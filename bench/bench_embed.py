@@ -21,9 +21,10 @@ from common import beauty_sets, loadavg
 
 from llmser_ray.config import EmbedConfig, load_config
 from llmser_ray.data.dataset import load_dataset
-from llmser_ray.data.prepare import prepare
 from llmser_ray.ray_utils import loopback_node
-from llmser_ray.text.embed import Embedder, embed_items
+from llmser_ray.stages.embed import embed_items
+from llmser_ray.stages.prepare import prepare
+from llmser_ray.text.embed import Embedder
 
 
 def load() -> str:

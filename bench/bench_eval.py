@@ -35,10 +35,10 @@ from common import beauty_sets
 from llmser_ray.config import EvalConfig, load_config
 from llmser_ray.data.dataset import load_dataset
 from llmser_ray.data.padding import pad_left
-from llmser_ray.data.prepare import prepare
 from llmser_ray.evaluation import rank_targets
 from llmser_ray.models import build_model
 from llmser_ray.models.base import SeqRecModel
+from llmser_ray.stages.prepare import prepare
 
 
 class TableModel(SeqRecModel):
@@ -82,7 +82,7 @@ def main() -> None:
     prepare(cfg)
     ds = load_dataset(cfg.workdir_path / "dataset")
     if args.model_dir:
-        from llmser_ray.training import load_trained
+        from llmser_ray.models.checkpoint import load_trained
 
         model, _ = load_trained(args.model_dir)
         what = f"trained model {args.model_dir}"

@@ -23,8 +23,8 @@ from common import beauty_sets, loadavg
 
 from llmser_ray.config import EmbedConfig, FaissConfig, load_config
 from llmser_ray.data.dataset import load_dataset
-from llmser_ray.data.prepare import prepare
 from llmser_ray.ray_utils import loopback_node
+from llmser_ray.stages.prepare import prepare
 from llmser_ray.text.embed import Embedder
 from llmser_ray.text.faiss_index import FaissPool, ItemIndex
 

@@ -30,9 +30,9 @@ from common import beauty_sets, loadavg
 
 from llmser_ray.config import LLMConfig, load_config
 from llmser_ray.data.dataset import load_dataset
-from llmser_ray.data.prepare import prepare
 from llmser_ray.llm import generate_rows, resolve_llm
 from llmser_ray.ray_utils import loopback_node
+from llmser_ray.stages.prepare import prepare
 
 SYSTEM = "You are a shopping assistant. Answer with product names only."
 

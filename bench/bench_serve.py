@@ -248,8 +248,8 @@ def pseudo_quality(cfg: Any, max_len: int, limit: int) -> dict[str, dict[str, fl
     """
     from llmser_ray.data.dataset import load_dataset
     from llmser_ray.evaluation import metrics_from_ranks, rank_targets
+    from llmser_ray.models.checkpoint import load_trained
     from llmser_ray.serving import ServingState
-    from llmser_ray.training import load_trained
 
     state = ServingState(cfg)
     ds = load_dataset(cfg.workdir_path / "dataset")

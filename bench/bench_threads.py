@@ -20,8 +20,8 @@ from common import beauty_sets, loadavg, training_steps
 
 from llmser_ray.config import load_config
 from llmser_ray.data.dataset import load_dataset
-from llmser_ray.data.prepare import prepare
 from llmser_ray.evaluation import rank_targets
+from llmser_ray.stages.prepare import prepare
 
 
 def main() -> None:

@@ -43,11 +43,11 @@ from common import loadavg as load
 
 from llmser_ray.config import Config, load_config
 from llmser_ray.data.dataset import load_dataset
-from llmser_ray.data.prepare import prepare
 from llmser_ray.evaluation import metrics_from_ranks, rank_targets
 from llmser_ray.models import build_model
 from llmser_ray.ray_utils import init_ray
-from llmser_ray.training import LossModule, train, train_epoch, training_sequences
+from llmser_ray.stages.prepare import prepare
+from llmser_ray.stages.train import LossModule, train, train_epoch, training_sequences
 
 # Read by the raylet when Ray starts (a RayConfig entry: the name is case-sensitive).
 NICENESS_ENV = "RAY_worker_niceness"

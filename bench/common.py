@@ -46,7 +46,7 @@ def training_steps(cfg: Any, ds: Any, n_batches: int) -> TrainingSteps:
     from llmser_ray.models import build_model
     from llmser_ray.models.batching import TrainBatch, pad_batch
     from llmser_ray.models.losses import Objective
-    from llmser_ray.training import LossModule, train_step, training_sequences
+    from llmser_ray.stages.train import LossModule, train_step, training_sequences
 
     torch.manual_seed(0)
     model = build_model(cfg.model, ds.num_items)

@@ -68,7 +68,7 @@ def model_name(args: argparse.Namespace, seed: int, variant: str) -> str:
 
 
 def variant_config(args: argparse.Namespace, seed: int, variant: str) -> Any:
-    from llmser_ray.pretrain import plain_config
+    from llmser_ray.stages.pretrain import plain_config
 
     if variant == "baseline":
         return plain_config(config(args, seed), reverse=False)
@@ -77,7 +77,7 @@ def variant_config(args: argparse.Namespace, seed: int, variant: str) -> Any:
 
 
 def run_variant(args: argparse.Namespace, seed: int, variant: str) -> dict[str, Any]:
-    from llmser_ray.training import train
+    from llmser_ray.stages.train import train
 
     return train(variant_config(args, seed, variant), name=model_name(args, seed, variant)).test
 
@@ -204,7 +204,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v for v in args.variants.split(",") if v]
 
-    from llmser_ray.training import finished_metrics, model_dir
+    from llmser_ray.stages.train import finished_metrics, model_dir
 
     results: dict[str, Any] = {}
     upstream_info: dict[str, Any] = {}
@@ -228,7 +228,7 @@ def main() -> None:
         return
 
     if not args.aggregate_only:
-        from llmser_ray.pipeline import upstream
+        from llmser_ray.stages.run import upstream
 
         t0 = time.perf_counter()
         log("upstream: prepare, pretrain (forward + reverse), candidates, SIA, ARV")

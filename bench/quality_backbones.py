@@ -1,6 +1,6 @@
 """Quality of the three backbones on full Amazon Beauty: 3 seeds, full ranking, by user group.
 
-Trains SASRec, GRU4Rec and BERT4Rec with seeds 42, 43, 44 through ``llmser_ray.training.train``
+Trains SASRec, GRU4Rec and BERT4Rec with seeds 42, 43, 44 through ``llmser_ray.stages.train.train``
 (Ray Train, one worker) into ONE workdir, then aggregates the test metrics of the best
 validation epoch (full ranking and the 100-negative protocol) into ``<workdir>/quality.json``
 and ``<workdir>/quality.md``: HR@10 and NDCG@10, mean and sample standard deviation over the
@@ -147,7 +147,7 @@ def aggregate(args: argparse.Namespace) -> dict[str, Any]:
 
 def baselines(args: argparse.Namespace) -> dict[str, Any]:
     """Most-popular and item-to-item transitions on the same split (seconds; no seeds)."""
-    from llmser_ray.training import evaluate_baseline
+    from llmser_ray.stages.evaluate import evaluate_baseline
 
     cfg = run_config(args, next(iter(ARMS)), SEEDS[0])
     return {name: evaluate_baseline(cfg, name) for name in BASELINE_NAMES}
@@ -245,7 +245,7 @@ def estimate(args: argparse.Namespace) -> None:
     from llmser_ray.data.dataset import load_dataset
     from llmser_ray.evaluation import rank_targets
     from llmser_ray.models import build_model
-    from llmser_ray.training import LossModule, train_epoch, training_sequences
+    from llmser_ray.stages.train import LossModule, train_epoch, training_sequences
 
     torch.set_num_threads(args.threads)
     for backbone in args.backbones:
@@ -302,8 +302,8 @@ def main() -> None:
     # Ray starts its workers at niceness 15 (raylet's worker_niceness), so on a shared machine the
     # Train worker loses the CPU to every ordinary process; 0 gives it an ordinary share.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    from llmser_ray.data.prepare import prepare
-    from llmser_ray.training import train
+    from llmser_ray.stages.prepare import prepare
+    from llmser_ray.stages.train import train
 
     prepare(run_config(args, args.backbones[0], args.seeds[0]))
     if args.estimate:

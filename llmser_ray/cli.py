@@ -16,6 +16,7 @@ import yaml
 
 from llmser_ray.config import Config, load_config
 from llmser_ray.errors import LLMSeRError
+from llmser_ray.lock import workdir_lock
 
 app = typer.Typer(
     add_completion=False,
@@ -39,6 +40,15 @@ WorkdirOpt = Annotated[
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if up to date.")]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+@app.callback()
+def _global_options(verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Show all output of Ray, vLLM and the workers, unfiltered (else known-harmless "
+                          "library noise is dropped; llmser_ray/console.py).")] = False) -> None:
+    from llmser_ray import console
+
+    console.setup(verbose)
 
 
 def _user_errors(fn: F) -> F:
@@ -81,10 +91,11 @@ def config_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def prepare(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
             force: ForceOpt = False) -> None:
     """Import raw interactions into the versioned Parquet dataset (<workdir>/dataset)."""
-    from llmser_ray.data.prepare import prepare as run_prepare
+    from llmser_ray.stages.prepare import prepare as run_prepare
 
     cfg = _config(config, set_, workdir)
-    res = run_prepare(cfg, force=force)
+    with workdir_lock(cfg.workdir_path):
+        res = run_prepare(cfg, force=force)
     state = "up to date" if res.skipped else "written"
     typer.echo(f"dataset {state}: {res.path}")
     typer.echo(" ".join(f"{k}={v}" for k, v in res.counts.items()))
@@ -98,10 +109,11 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = N
           force: ForceOpt = False) -> None:
     """Train a backbone with Ray Train (DDP); resumes an interrupted run of the same config."""
     from llmser_ray.reporting import print_metrics
-    from llmser_ray.training import train as run_train
+    from llmser_ray.stages.train import train as run_train
 
     cfg = _config(config, set_, workdir, address)
-    res = run_train(cfg, name=name, force=force)
+    with workdir_lock(cfg.workdir_path):
+        res = run_train(cfg, name=name, force=force)
     if res.skipped:
         typer.echo(f"model up to date: {res.model_dir}")
     print_metrics(res, cfg)
@@ -113,11 +125,12 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = N
 def pretrain(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
              address: AddressOpt = None, force: ForceOpt = False) -> None:
     """Train the plain forward backbone (the baseline, ARV's recommender) and the reverse one (CCG)."""
-    from llmser_ray.pretrain import pretrain as run_pretrain
     from llmser_ray.reporting import print_metrics
+    from llmser_ray.stages.pretrain import pretrain as run_pretrain
 
     cfg = _config(config, set_, workdir, address)
-    res = run_pretrain(cfg, force=force)
+    with workdir_lock(cfg.workdir_path):
+        res = run_pretrain(cfg, force=force)
     print_metrics(res.forward, cfg)
     typer.echo(f"forward: {res.forward.model_dir}\nreverse: {res.reverse.model_dir}")
 
@@ -127,10 +140,11 @@ def pretrain(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt 
 def embed(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
           address: AddressOpt = None, force: ForceOpt = False) -> None:
     """Embed every item's text (<workdir>/embeddings) with a Ray Data actor pool."""
-    from llmser_ray.text.embed import embed_items
+    from llmser_ray.stages.embed import embed_items
 
     cfg = _config(config, set_, workdir, address)
-    res = embed_items(cfg, force=force)
+    with workdir_lock(cfg.workdir_path):
+        res = embed_items(cfg, force=force)
     typer.echo(f"embeddings {'up to date' if res.skipped else 'written'}: {res.path} "
                f"(model={res.model} dim={res.dim}, {res.seconds:.1f}s)")
 
@@ -142,36 +156,45 @@ def augment(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt =
             candidates_only: Annotated[bool, typer.Option(
                 "--candidates-only", help="Only the collaborative candidates (no LLM).")] = False,
             skip_validate: Annotated[bool, typer.Option(
-                "--skip-validate", help="Stop after SIA; run `validate` later.")] = False) -> None:
+                "--skip-validate", help="Stop after SIA; run `reliability` later.")] = False) -> None:
     """SIA (candidates, LLM selection, grounding) then ARV reliability weights; resumable."""
-    from llmser_ray.augment.sia import augment as run_augment
     from llmser_ray.reporting import print_summary
+    from llmser_ray.stages.candidates import generate_candidates
+    from llmser_ray.stages.select import select_items
 
     cfg = _config(config, set_, workdir, address)
-    res = run_augment(cfg, force=force, candidates_only=candidates_only)
-    typer.echo(f"candidates {'up to date' if res.candidates.skipped else 'written'}: "
-               f"{res.candidates.path} ({res.candidates.users} users)")
-    if candidates_only:
-        return
-    print_summary("augmented", res.path, res.skipped, res.summary)
-    if not skip_validate:
-        from llmser_ray.augment.arv import validate as run_validate
+    with workdir_lock(cfg.workdir_path):
+        cand = generate_candidates(cfg, force=force)
+        typer.echo(f"candidates {'up to date' if cand.skipped else 'written'}: "
+                   f"{cand.path} ({cand.users} users)")
+        if candidates_only:
+            return
+        res = select_items(cfg, force=force)
+        print_summary("augmented", res.path, res.skipped, res.summary)
+        if not skip_validate:
+            from llmser_ray.stages.reliability import score_reliability
 
-        val = run_validate(cfg, force=force)
-        print_summary("reliability", val.path, val.skipped, val.summary)
+            val = score_reliability(cfg, force=force)
+            print_summary("reliability", val.path, val.skipped, val.summary)
 
 
 @app.command()
 @_user_errors
-def validate(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
-             address: AddressOpt = None, force: ForceOpt = False) -> None:
+def reliability(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
+                address: AddressOpt = None, force: ForceOpt = False) -> None:
     """ARV: reliability r_u and weights w_u of the augmented users; resumable."""
-    from llmser_ray.augment.arv import validate as run_validate
     from llmser_ray.reporting import print_summary
+    from llmser_ray.stages.reliability import score_reliability
 
     cfg = _config(config, set_, workdir, address)
-    val = run_validate(cfg, force=force)
+    with workdir_lock(cfg.workdir_path):
+        val = score_reliability(cfg, force=force)
     print_summary("reliability", val.path, val.skipped, val.summary)
+
+
+# The stage's name before issue 21 ("validate" collided with the validation split); kept so
+# existing scripts keep working.
+app.command("validate", help="Same as `reliability` (its former name).")(reliability)
 
 
 @app.command()
@@ -179,10 +202,11 @@ def validate(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt 
 def run(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
         address: AddressOpt = None) -> None:
     """Run every stage in order, skipping those whose inputs and config are unchanged."""
-    from llmser_ray.pipeline import run_pipeline
+    from llmser_ray.stages.run import run_pipeline
 
     cfg = _config(config, set_, workdir, address)
-    run_pipeline(cfg)
+    with workdir_lock(cfg.workdir_path):
+        run_pipeline(cfg)
 
 
 @app.command()
@@ -195,15 +219,16 @@ def tune(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = No
     """Ray Tune over dual-channel training (N, beta, T, lr, ...) on cached upstream stages."""
     from rich.console import Console
 
-    from llmser_ray.tuning import summary_table
-    from llmser_ray.tuning import tune as run_tune
+    from llmser_ray.stages.tune import summary_table
+    from llmser_ray.stages.tune import tune as run_tune
 
     cfg = _config(config, set_, workdir, address)
-    out = run_tune(cfg, fresh=fresh)
+    with workdir_lock(cfg.workdir_path):
+        out = run_tune(cfg, fresh=fresh)
     console = Console(width=max(Console().width, 140))
     console.print(summary_table(out.table, cfg))
     if out.baseline and out.best:
-        from llmser_ray.pipeline import comparison_table
+        from llmser_ray.stages.run import comparison_table
 
         best = {g: {cfg.eval.metric: out.best.get(f"test_{g}_{cfg.eval.metric}") or float("nan")}
                 for g in ("overall", "tail_user", "head_user", "tail_item", "head_item")}
@@ -227,7 +252,7 @@ def serve_cmd(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt
                   help="Serve until Ctrl-C (default), or return once deployed (needs --address).")] = True
               ) -> None:
     """Deploy the trained recommender with Ray Serve: POST /recommend, docs at /docs."""
-    from llmser_ray.serving import serve as run_serve
+    from llmser_ray.stages.serve import serve as run_serve
 
     extra = [*(set_ or []), *([f"serve.host={host}"] if host else []),
              *([f"serve.port={port}"] if port is not None else []),

@@ -27,3 +27,7 @@ class DataError(LLMSeRError):
 
 class StageError(LLMSeRError):
     """A stage's required input (an earlier stage's output) is missing or stale."""
+
+
+class WorkdirInUse(StageError):
+    """Another command is writing into the same workdir (``llmser_ray.lock``)."""

@@ -19,12 +19,12 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from llmser_ray.augment.arv import validate
-from llmser_ray.augment.sia import augment
 from llmser_ray.augment.weights import decay_weights
 from llmser_ray.config import load_config
-from llmser_ray.data.prepare import prepare
-from llmser_ray.pretrain import pretrain
+from llmser_ray.stages.prepare import prepare
+from llmser_ray.stages.pretrain import pretrain
+from llmser_ray.stages.reliability import score_reliability as validate
+from llmser_ray.stages.select import select_items as augment
 
 # Each test starts one or two vLLM engines (20-30 s each on a quiet 2-core machine).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]

@@ -17,8 +17,8 @@ import pytest
 
 from llmser_ray.config import load_config
 from llmser_ray.data.dataset import load_dataset
-from llmser_ray.data.prepare import filter_interactions, prepare
 from llmser_ray.errors import DataError, StageError
+from llmser_ray.stages.prepare import filter_interactions, prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BEAUTY = SHARED / "amazon_beauty_2014_5core"

@@ -14,12 +14,12 @@ import torch
 from llmser_ray.augment.weights import load_augmentation
 from llmser_ray.config import ModelConfig, load_config
 from llmser_ray.data.dataset import load_dataset
-from llmser_ray.data.prepare import prepare
 from llmser_ray.errors import StageError
 from llmser_ray.io import write_json
 from llmser_ray.models import build_model
 from llmser_ray.models.losses import Objective
-from llmser_ray.training import LossModule, TrainingData, batch_loss
+from llmser_ray.stages.prepare import prepare
+from llmser_ray.stages.train import LossModule, TrainingData, batch_loss
 
 
 def _model(backbone: str) -> LossModule:

@@ -19,11 +19,11 @@ import pytest
 
 from llmser_ray.config import LLMConfig, load_config
 from llmser_ray.data.dataset import load_dataset
-from llmser_ray.data.prepare import prepare
 from llmser_ray.errors import ConfigError
 from llmser_ray.llm import generate, generate_rows, resolve_llm
 from llmser_ray.llm.models import SMOLLM2
 from llmser_ray.ports import pick_port
+from llmser_ray.stages.prepare import prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BEAUTY = SHARED / "amazon_beauty_2014_5core"

@@ -11,7 +11,7 @@ from llmser_ray.models import BERT4Rec, GRU4Rec, SASRec, build_model
 from llmser_ray.models.batching import by_length
 from llmser_ray.models.losses import Objective, bce_loss, ce_loss, sample_negatives
 from llmser_ray.models.sasrec import attention_mask
-from llmser_ray.training import LossModule
+from llmser_ray.stages.train import LossModule
 
 NUM_ITEMS = 20
 LOSSES = ["ce", "sampled", "gbce", "bce"]

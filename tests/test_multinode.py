@@ -167,11 +167,11 @@ def _committed_epoch(run_dir: Path) -> int:
 def test_node_loss_during_training_resumes_from_last_checkpoint(multinode: MultiNode) -> None:
     import ray
 
-    from llmser_ray.data.prepare import prepare
-    from llmser_ray.training import train
+    from llmser_ray.stages.prepare import prepare
+    from llmser_ray.stages.train import train
 
     if "max_failures" not in TrainConfig.model_fields:
-        pytest.fail("train.max_failures does not exist: training.py must pass "
+        pytest.fail("train.max_failures does not exist: stages/train.py must pass "
                     "ray.train.FailureConfig(max_failures=cfg.train.max_failures) to RunConfig "
                     "for a run to survive a lost node (without it Ray Train fails the run at once)")
 
@@ -253,9 +253,9 @@ def test_killed_augmentation_actor_loses_no_users(multinode: MultiNode) -> None:
 
     import pyarrow.parquet as pq
 
-    from llmser_ray.augment.sia import augment
-    from llmser_ray.data.prepare import prepare
-    from llmser_ray.pretrain import pretrain
+    from llmser_ray.stages.prepare import prepare
+    from llmser_ray.stages.pretrain import pretrain
+    from llmser_ray.stages.select import select_items as augment
 
     workdir = multinode.temp / "augkill"
     users = 24

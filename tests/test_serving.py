@@ -32,10 +32,11 @@ import yaml
 from llmser_ray.config import Config, load_config
 from llmser_ray.data.dataset import load_dataset
 from llmser_ray.data.padding import pad_left
-from llmser_ray.data.prepare import prepare
 from llmser_ray.errors import ConfigError, StageError
+from llmser_ray.models.checkpoint import load_trained
 from llmser_ray.ports import pick_port
-from llmser_ray.training import load_trained, train
+from llmser_ray.stages.prepare import prepare
+from llmser_ray.stages.train import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BEAUTY = SHARED / "amazon_beauty_2014_5core"
@@ -117,7 +118,7 @@ def ray_local():
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory, ray_local) -> Config:
     """A synthetic catalogue with a reverse model, its candidates and a dual-channel model."""
-    from llmser_ray.augment.candidates import generate_candidates
+    from llmser_ray.stages.candidates import generate_candidates
 
     wd = tmp_path_factory.mktemp("serve-syn")
     cfg = load_config(None, [f"workdir={wd}", "data.source=synthetic", "data.synthetic.n_users=800",
@@ -526,7 +527,7 @@ def beauty(tmp_path_factory, ray_local) -> Config:
     """A small SASRec trained on the full Amazon Beauty data, plus the title embeddings."""
     if not BEAUTY.is_dir():
         pytest.skip("../shared/data is not present")
-    from llmser_ray.text.embed import embed_items
+    from llmser_ray.stages.embed import embed_items
 
     wd = tmp_path_factory.mktemp("serve-beauty")
     cfg = load_config(None, [f"workdir={wd}", "data.source=s3rec", f"data.path={BEAUTY / 'Beauty.txt'}",

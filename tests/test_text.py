@@ -10,10 +10,11 @@ import pytest
 
 from llmser_ray.config import Config, EmbedConfig, FaissConfig, load_config
 from llmser_ray.data.dataset import load_dataset
-from llmser_ray.data.prepare import prepare
 from llmser_ray.errors import ConfigError, DataError, StageError
+from llmser_ray.stages.embed import embed_items
+from llmser_ray.stages.prepare import prepare
 from llmser_ray.text import faiss_index
-from llmser_ray.text.embed import Embedder, embed_items, load_item_vectors, resolve_embedding_model
+from llmser_ray.text.embed import Embedder, load_item_vectors, resolve_embedding_model
 from llmser_ray.text.faiss_index import FaissPool, ItemIndex
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -103,7 +104,7 @@ def test_embed_stage_writes_the_schema_and_reruns_as_noop(embedded: tuple[Path, 
 def test_embed_blocks_feed_every_actor_and_bound_the_length_sort_window(n: int, actors: int) -> None:
     """Each map call embeds one whole block (so the model's length sort spans it): blocks must
     give every actor work, stay within SORT_WINDOW_BATCHES batches, and not outnumber the batches."""
-    from llmser_ray.text.embed import SORT_WINDOW_BATCHES, _num_blocks
+    from llmser_ray.stages.embed import SORT_WINDOW_BATCHES, _num_blocks
 
     cfg = EmbedConfig(num_actors=actors, batch_size=256)
     blocks = _num_blocks(n, cfg)
@@ -113,11 +114,14 @@ def test_embed_blocks_feed_every_actor_and_bound_the_length_sort_window(n: int, 
     assert blocks <= -(-n // 256)  # no more blocks than encode batches
 
 
-def test_missing_inputs_name_the_stage_to_run(tmp_path: Path) -> None:
+def test_missing_inputs_name_the_stage_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(StageError, match="llmser-ray embed"):
         load_item_vectors(tmp_path)
-    with pytest.raises(StageError, match="prepare"):
-        embed_items(load_config(None, [f"workdir={tmp_path}"]))
+    # No dataset yet: embed runs prepare first (the one upstream rule), whose bad input is the error.
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(DataError, match="file not found"):
+        embed_items(load_config(None, [f"workdir={tmp_path}", "data.source=s3rec", f"data.path={missing}"]))
+    assert "[embed] needs prepare" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- FAISS

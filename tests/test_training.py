@@ -15,15 +15,10 @@ import pytest
 
 from llmser_ray.config import Config, load_config
 from llmser_ray.data.dataset import load_dataset
-from llmser_ray.data.prepare import prepare
-from llmser_ray.training import (
-    evaluate_baseline,
-    finished_metrics,
-    load_trained,
-    train,
-    training_sequences,
-    validation_split,
-)
+from llmser_ray.models.checkpoint import load_trained
+from llmser_ray.stages.evaluate import evaluate_baseline
+from llmser_ray.stages.prepare import prepare
+from llmser_ray.stages.train import finished_metrics, train, training_sequences, validation_split
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BEAUTY = SHARED / "amazon_beauty_2014_5core"

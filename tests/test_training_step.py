@@ -25,7 +25,7 @@ from llmser_ray.data.padding import pad_left
 from llmser_ray.models import build_model
 from llmser_ray.models.batching import training_batch
 from llmser_ray.models.losses import Objective
-from llmser_ray.training import LossModule, train_step
+from llmser_ray.stages.train import LossModule, train_step
 
 BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
 pytestmark = pytest.mark.skipif(not (BEAUTY / "Beauty.txt").is_file(),

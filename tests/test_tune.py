@@ -14,7 +14,7 @@ import pytest
 
 from llmser_ray.config import load_config
 from llmser_ray.errors import ConfigError
-from llmser_ray.tuning import check_search, experiment_name, trial_config
+from llmser_ray.stages.tune import check_search, experiment_name, trial_config
 
 BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
 
@@ -114,7 +114,7 @@ def test_trials_get_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     import pickle
 
     from llmser_ray.errors import StageError
-    from llmser_ray.tuning import absolute_paths
+    from llmser_ray.stages.tune import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["workdir=runs/quickstart", "data.path=data/x.txt", "ray.storage_path=s3://b/p"])

@@ -58,7 +58,7 @@ class TopKScorer:
     """Ray Data callable class: ``inputs`` (+ optional ``exclude``) columns -> ``topk``/``topk_scores``."""
 
     def __init__(self, model_dir: str, k: int, torch_threads: int = 1) -> None:
-        from llmser_ray.training import load_trained
+        from llmser_ray.models.checkpoint import load_trained
 
         if torch_threads:
             torch.set_num_threads(torch_threads)

@@ -80,7 +80,7 @@ class ServingState:
     items for short ad-hoc histories), the known users' pseudo prefixes and the title index."""
 
     def __init__(self, cfg: Config) -> None:
-        from llmser_ray.training import load_trained
+        from llmser_ray.models.checkpoint import load_trained
 
         self.cfg = cfg
         sc = cfg.serve
@@ -153,7 +153,7 @@ class ServingState:
         return {u + 1: p for u, p in enumerate(aug.pseudo) if len(p)}
 
     def _reverse_model(self) -> Any:
-        from llmser_ray.training import load_trained
+        from llmser_ray.models.checkpoint import load_trained
 
         folder = self.cfg.workdir_path / "models" / f"{self.backbone}-reverse"
         if not (folder / "best" / "model.json").is_file():

@@ -11,8 +11,6 @@ source files, so a changed input file changes the digest of every stage downstre
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +23,14 @@ import pyarrow.parquet as pq
 
 from llmser_ray.config import Config, DataConfig
 from llmser_ray.errors import DataError
-from llmser_ray.io import atomic_dir, manifest_header, read_manifest, sha256_file, write_json
+from llmser_ray.io import sha256_file
+from llmser_ray.stages.base import Stage, digest
 
-SCHEMA_VERSION = 1
+STAGE = Stage(
+    name="prepare", output="dataset", schema_version=1, inputs=(),
+    identity=("data.* except cache_dir", "sha256 of every source file"), schema="docs/SCHEMA.md#dataset",
+    summary="the versioned dataset: sequences.parquet and items.parquet, leave-one-out split")
+SCHEMA_VERSION = STAGE.schema_version
 
 
 @dataclass
@@ -70,7 +73,7 @@ def filter_interactions(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
 def _digest(cfg: DataConfig, sources: dict[str, str]) -> str:
     payload = {"data": cfg.model_dump(mode="json"), "sources": sorted(sources.values())}
     payload["data"].pop("cache_dir", None)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 def _source_checksums(cfg: DataConfig) -> dict[str, str]:
@@ -175,31 +178,39 @@ def _ordered_ids(ids: pd.Series) -> list[str]:
     return sorted(str(u) for u in uniq)
 
 
-def prepare(cfg: Config, force: bool = False) -> PrepareResult:
-    """Write ``<workdir>/dataset``; a no-op when the data config and source files are unchanged."""
-    out = cfg.workdir_path / "dataset"
-    dcfg = cfg.data
+def _check_paths(dcfg: DataConfig) -> None:
     if not dcfg.download or dcfg.path:
         for key, value in (("data.path", dcfg.path), ("data.item_path", dcfg.item_path)):
             if value and not Path(value).expanduser().exists():
                 raise DataError(f"file not found: {Path(value).expanduser()}",
                                 f"point {key} at an existing file or folder")
+
+
+def prepare_current(cfg: Config) -> bool:
+    """Whether ``<workdir>/dataset`` holds this data config's dataset (cheap: checksums only)."""
+    try:
+        _check_paths(cfg.data)
+    except DataError:
+        return False
+    key = _digest(cfg.data, _source_checksums(cfg.data))
+    return STAGE.current(STAGE.folder(cfg.workdir_path), key) is not None
+
+
+def prepare(cfg: Config, force: bool = False) -> PrepareResult:
+    """Write ``<workdir>/dataset``; a no-op when the data config and source files are unchanged."""
+    out = STAGE.folder(cfg.workdir_path)
+    dcfg = cfg.data
+    _check_paths(dcfg)
     sources = _source_checksums(dcfg)
-    digest = _digest(dcfg, sources)
-    done = read_manifest(out)
-    if done and done.get("config_digest") == digest and not force:
+    done = STAGE.current(out, _digest(dcfg, sources), force)
+    if done is not None:
         return PrepareResult(out, True, done["counts"])
 
     raw = load_raw(dcfg)
     sources = {str(Path(p).resolve()): sha256_file(p) for p in raw.sources} or sources
-    digest = _digest(dcfg, sources)
     sequences, items, counts = build_tables(raw, dcfg)
-    with atomic_dir(out) as tmp:
-        pq.write_table(sequences, tmp / "sequences.parquet")
-        pq.write_table(items, tmp / "items.parquet")
-        write_json(tmp / "manifest.json", {
-            **manifest_header("prepare", SCHEMA_VERSION),
-            "sources": sources, "config": dcfg.model_dump(mode="json"),
-            "config_digest": digest, "counts": counts,
-        })
+    with STAGE.publish(out, _digest(dcfg, sources), sources=sources,
+                       config=dcfg.model_dump(mode="json"), counts=counts) as pub:
+        pq.write_table(sequences, pub.dir / "sequences.parquet")
+        pq.write_table(items, pub.dir / "items.parquet")
     return PrepareResult(out, False, counts)

@@ -1,7 +1,7 @@
-"""Stage ``tune``: Ray Tune over dual-channel training, on top of cached upstream stages.
+"""The ``tune`` stage: Ray Tune over dual-channel (or backbone) training, on cached upstream stages.
 
 Why this shape:
-- The upstream stages (prepare, pretrain, embed, augment, validate) run ONCE before the search.
+- The upstream stages (prepare, pretrain, candidates, embed, select, reliability) run ONCE before the search.
   The LLM is asked for ``augment.ask_items`` pseudo items and every trial slices its own N, and
   ARV's r_u is reweighted per trial with the trial's beta/T (augment/weights.py), so no trial
   ever calls the LLM. A search over N beyond ask_items is rejected up front.
@@ -16,7 +16,6 @@ Why this shape:
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import json
@@ -30,6 +29,14 @@ import pandas as pd
 from llmser_ray.config import Config, SearchSpec
 from llmser_ray.errors import ConfigError
 from llmser_ray.io import write_json
+from llmser_ray.stages.base import Stage, digest
+
+STAGE = Stage(
+    name="tune", output="tune/<tune.name>-<digest>", schema_version=1,
+    inputs=("prepare", "pretrain", "candidates", "select", "reliability"),
+    identity=("data.*", "model.*", "train.*", "eval.*", "augment.*", "llm.*", "dual.*",
+              "tune.* except max_concurrent_trials"),
+    schema="docs/SCHEMA.md#tune", summary="a Ray Tune experiment (restorable) and its HTML/PNG report")
 
 GROUPS = ("overall", "tail_user", "head_user", "tail_item", "head_item")
 
@@ -143,8 +150,7 @@ def experiment_name(cfg: Config) -> str:
     payload = {s: cfg.model_dump(mode="json")[s] for s in ("data", "model", "train", "eval", "augment",
                                                             "llm", "dual", "tune")}
     payload["tune"].pop("max_concurrent_trials", None)  # resources, not the experiment's identity
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{cfg.tune.name}-{digest}"
+    return f"{cfg.tune.name}-{digest(payload)[:10]}"
 
 
 # ----------------------------------------------------------------------------- the trainable
@@ -154,7 +160,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], name: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from llmser_ray.training import ray_storage, train
+    from llmser_ray.stages.train import ray_storage, train
 
     cfg = trial_config(base, params)
     # Stable locations (not Tune's session-local trial dir), so a restored experiment finds
@@ -188,9 +194,9 @@ def tune(cfg: Config, fresh: bool = False) -> TuneOutcome:
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from llmser_ray.pipeline import upstream
     from llmser_ray.ray_utils import init_ray, quiet_ray_data
-    from llmser_ray.training import ray_storage
+    from llmser_ray.stages.run import upstream
+    from llmser_ray.stages.train import ray_storage
 
     if not cfg.tune.search:
         raise ConfigError("tune.search is empty", "add a search space, e.g. "
@@ -201,7 +207,7 @@ def tune(cfg: Config, fresh: bool = False) -> TuneOutcome:
     if cfg.tune.target == "dual":
         up = upstream(cfg)
     else:  # the backbone alone: its dataset is all it reads
-        from llmser_ray.data.prepare import prepare
+        from llmser_ray.stages.prepare import prepare
 
         prepare(cfg)
         up = {}

@@ -16,7 +16,6 @@ Why this shape:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -31,17 +30,26 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmser_ray.config import Config, ModelConfig
+from llmser_ray.config import Config
 from llmser_ray.data.dataset import SeqDataset, load_dataset
 from llmser_ray.errors import StageError
-from llmser_ray.evaluation import metrics_from_ranks, rank_targets, user_groups
-from llmser_ray.io import atomic_dir, manifest_header, read_manifest, write_json
+from llmser_ray.evaluation import metrics_from_ranks, rank_targets
+from llmser_ray.io import atomic_dir, read_manifest, write_json
 from llmser_ray.models import build_model
 from llmser_ray.models.base import SeqRecModel
 from llmser_ray.models.batching import TrainBatch, by_length, training_batch
 from llmser_ray.models.losses import Objective
+from llmser_ray.stages.base import Stage, digest
+from llmser_ray.stages.evaluate import evaluate_splits, split_groups
 
 SCHEMA_VERSION = 1
+STAGE = Stage(
+    name="train", output="models/<name>", schema_version=SCHEMA_VERSION,
+    inputs=("prepare", "candidates", "select", "reliability"),
+    identity=("model.*", "train.* except operational keys", "eval.*", "dataset digest",
+              "dual.* and the augmentation's digest (dual-channel only)"),
+    schema="docs/SCHEMA.md#models",
+    summary="one backbone trained with Ray Train DDP, evaluated on the test split (metrics.json)")
 TRAIN_SECTIONS = ("model", "train", "eval")
 OPERATIONAL_TRAIN_KEYS = ("cpus_per_worker", "torch_threads", "ray_log_level", "max_failures",
                           "keep_checkpoints", "use_gpu")
@@ -77,10 +85,6 @@ def validation_split(ds: SeqDataset, reverse: bool) -> tuple[list[np.ndarray], n
         return ds.split("valid")
     train = ds.train_sequences()
     return [s[1:][::-1].copy() for s in train], np.array([s[0] for s in train], dtype=np.int64)
-
-
-def _groups(ds: SeqDataset, targets: np.ndarray) -> dict[str, np.ndarray]:
-    return user_groups(ds.is_tail_user, ds.is_tail_item[targets])
 
 
 @dataclass
@@ -272,7 +276,7 @@ def _train_loop(loop_cfg: dict[str, Any]) -> None:
     data = TrainingData.build(cfg, ds)
     train_seqs, aug_seqs, weights = data.train_seqs, data.aug_seqs, data.weights
     val_inputs, val_targets, val_seen = data.val_inputs, data.val_targets, data.val_seen
-    groups = _groups(ds, val_targets)
+    groups = split_groups(ds, val_targets)
 
     model = build_model(cfg.model, ds.num_items)
     wrapped = ray.train.torch.prepare_model(LossModule(model))
@@ -385,8 +389,7 @@ def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
     payload = {s: getattr(cfg, s).model_dump(mode="json") for s in TRAIN_SECTIONS}
     for op in OPERATIONAL_TRAIN_KEYS:  # how it runs, not what it learns: changing them resumes
         payload["train"].pop(op, None)
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    key = f"{digest}-{dataset_manifest.get('config_digest', 'na')[:8]}"
+    key = f"{digest(payload)}-{dataset_manifest.get('config_digest', 'na')[:8]}"
     if cfg.dual.enabled:
         from llmser_ray.augment.weights import augmentation_dir
 
@@ -409,52 +412,6 @@ def finished_metrics(cfg: Config, folder: str | Path) -> dict[str, Any] | None:
     reporting it as this config's result would mislabel a table."""
     dataset = read_manifest(cfg.workdir_path / "dataset")
     return None if dataset is None else _finished(Path(folder), _run_key(cfg, dataset))
-
-
-def load_trained(folder: str | Path) -> tuple[SeqRecModel, dict[str, Any]]:
-    """Rebuild a trained model from ``<model_dir>/best`` (safetensors + JSON, no pickle)."""
-    best = Path(folder) / "best"
-    meta_path = best / "model.json"
-    if not meta_path.is_file():
-        raise StageError(f"no trained model in {folder}", "run `llmser-ray train` first")
-    meta = json.loads(meta_path.read_text())
-    model = build_model(ModelConfig.model_validate(meta["model"]), int(meta["num_items"]))
-    model.load_state_dict(load_file(str(best / "model.safetensors")))
-    model.eval()
-    return model, meta
-
-
-def evaluate_baseline(cfg: Config, name: str) -> dict[str, Any]:
-    """Validation and test metrics of a non-neural baseline (models/baselines.py) fitted on the
-    training sequences, under the same protocols as a trained model's ``metrics.json``."""
-    from llmser_ray.models.baselines import BASELINES
-
-    ds = load_dataset(cfg.workdir_path / "dataset")
-    model = BASELINES[name](ds.train_sequences(), ds.num_items)
-    inputs, targets = ds.split("valid")
-    valid = metrics_from_ranks(rank_targets(model, inputs, targets, cfg.eval, ds.num_items),
-                               cfg.eval.ks, _groups(ds, targets))
-    return {"name": name, "valid": valid, "test": evaluate_splits(model, ds, cfg)}
-
-
-def evaluate_splits(model: SeqRecModel, ds: SeqDataset, cfg: Config) -> dict[str, Any]:
-    """Test metrics by group under both protocols (the configured one is the headline)."""
-    inputs, targets = ds.split("test")
-    groups = _groups(ds, targets)
-    real_history = list(inputs)
-    if cfg.dual.enabled and cfg.dual.infer_augmented:
-        from llmser_ray.augment.weights import load_augmentation
-
-        inputs = load_augmentation(cfg, ds).inputs(inputs)
-    out: dict[str, Any] = {}
-    for protocol in ("full", "sampled"):
-        ecfg = cfg.eval.model_copy(update={"protocol": protocol})
-        # Full: mask the real history only. Sampled: negatives avoid every real item (incl. the
-        # target), the same draw for every model so baselines and LLMSeR are comparable.
-        seen = list(ds.sequences) if protocol == "sampled" else real_history
-        ranks = rank_targets(model, inputs, targets, ecfg, ds.num_items, seen=seen)
-        out[protocol] = metrics_from_ranks(ranks, cfg.eval.ks, groups)
-    return out
 
 
 def train(cfg: Config, name: str | None = None, force: bool = False,
@@ -530,7 +487,9 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
     metrics = {"name": name, "best_epoch": best_epoch, "epochs_run": state["epoch"],
                "history": state["history"], "valid": valid, "test": test,
                "config": cfg.model_dump(mode="json")}
-    # Publish best/, metrics.json and the manifest together: the manifest marks completeness.
+    # Publish best/, metrics.json and the manifest together: the manifest marks completeness, so
+    # the old one goes first and a kill in between leaves a folder read as unfinished.
+    (out / "manifest.json").unlink(missing_ok=True)
     with atomic_dir(out / "best") as tmp:
         save_file({k: v.contiguous() for k, v in best_state.items()},
                   str(tmp / "model.safetensors"))
@@ -540,8 +499,6 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
                                         "dual": (cfg.dual.model_dump(mode="json")
                                                  if cfg.dual.enabled else None)})
     write_json(out / "metrics.json", metrics)
-    write_json(out / "manifest.json", {**manifest_header("train", SCHEMA_VERSION),
-                                       "run_key": key, "status": "complete",
-                                       "dataset": str(dataset_dir),
-                                       "dataset_digest": ds.manifest.get("config_digest")})
+    STAGE.seal(out, key, key_field="run_key", status="complete", dataset=str(dataset_dir),
+               dataset_digest=ds.manifest.get("config_digest"))
     return TrainResult(out, False, best_epoch, valid, test)

@@ -1,4 +1,6 @@
-"""Collaborative Candidate Generator (CCG, METHOD stage 1.1): ``<workdir>/candidates/``.
+"""The ``candidates`` stage: the Collaborative Candidate Generator (CCG, METHOD 1.1).
+
+Output: ``<workdir>/candidates/``.
 
 The reverse-trained backbone reads each chosen user's training sequence backwards and scores
 every item as "what came before the first one"; its top K (excluding what the user already has,
@@ -8,8 +10,6 @@ through a Ray Data actor pool of scorers (``scoring.TopKScorer``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +20,17 @@ import pyarrow.parquet as pq
 
 from llmser_ray.config import Config
 from llmser_ray.data.dataset import SeqDataset, load_dataset
-from llmser_ray.io import atomic_dir, manifest_header, read_manifest, write_json
-from llmser_ray.pretrain import pretrained_dir
+from llmser_ray.io import read_manifest
+from llmser_ray.stages.base import Stage, digest
+from llmser_ray.stages.pretrain import plain_config, pretrained_dir, reverse_model
 
-SCHEMA_VERSION = 1
+STAGE = Stage(
+    name="candidates", output="candidates", schema_version=1, inputs=("prepare", "pretrain"),
+    identity=("augment.users", "augment.max_users", "augment.seed", "augment.num_candidates",
+              "augment.exclude_history", "reverse model run key", "dataset digest"),
+    schema="docs/SCHEMA.md#candidates",
+    summary="the reverse model's top-K items before each chosen user's history")
+SCHEMA_VERSION = STAGE.schema_version
 
 
 @dataclass
@@ -50,7 +57,20 @@ def candidates_digest(cfg: Config, ds: SeqDataset, reverse_dir: Path) -> str:
                "exclude": a.exclude_history,
                "model": (read_manifest(reverse_dir) or {}).get("run_key"),
                "dataset": ds.manifest.get("config_digest")}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(payload)
+
+
+def candidates_current(cfg: Config) -> bool:
+    """Whether ``candidates/`` is current, without training anything to find out."""
+    from llmser_ray.stages.train import finished_metrics
+
+    reverse = pretrained_dir(cfg, reverse=True)
+    if read_manifest(cfg.workdir_path / "dataset") is None:
+        return False
+    if finished_metrics(plain_config(cfg, reverse=True), reverse) is None:
+        return False
+    key = candidates_digest(cfg, load_dataset(cfg.workdir_path / "dataset"), reverse)
+    return STAGE.current(STAGE.folder(cfg.workdir_path), key) is not None
 
 
 def generate_candidates(cfg: Config, force: bool = False) -> CandidatesResult:
@@ -59,12 +79,12 @@ def generate_candidates(cfg: Config, force: bool = False) -> CandidatesResult:
     from llmser_ray.augment.scoring import TopKScorer
     from llmser_ray.ray_utils import from_arrow_blocks, init_ray, iter_plain_batches, quiet_ray_data
 
+    reverse_dir = reverse_model(cfg, "candidates")
     ds = load_dataset(cfg.workdir_path / "dataset")
-    reverse_dir = pretrained_dir(cfg, reverse=True)
-    out = cfg.workdir_path / "candidates"
-    digest = candidates_digest(cfg, ds, reverse_dir)
-    done = read_manifest(out)
-    if done and done.get("config_digest") == digest and not force:
+    out = STAGE.folder(cfg.workdir_path)
+    key = candidates_digest(cfg, ds, reverse_dir)
+    done = STAGE.current(out, key, force)
+    if done is not None:
         return CandidatesResult(out, True, done["counts"]["users"], 0.0)
 
     t0 = time.perf_counter()
@@ -106,11 +126,8 @@ def generate_candidates(cfg: Config, force: bool = False) -> CandidatesResult:
                            pa.list_(pa.float32())),
     })
     seconds = time.perf_counter() - t0
-    with atomic_dir(out) as tmp:
-        pq.write_table(final, tmp / "candidates.parquet")
-        write_json(tmp / "manifest.json", {
-            **manifest_header("candidates", SCHEMA_VERSION), "config_digest": digest,
-            "reverse_model": str(reverse_dir), "config": cfg.augment.model_dump(mode="json"),
-            "counts": {"users": final.num_rows, "k": cfg.augment.num_candidates},
-            "seconds": seconds})
+    with STAGE.publish(out, key, reverse_model=str(reverse_dir), config=cfg.augment.model_dump(mode="json"),
+                       counts={"users": final.num_rows, "k": cfg.augment.num_candidates},
+                       seconds=seconds) as pub:
+        pq.write_table(final, pub.dir / "candidates.parquet")
     return CandidatesResult(out, False, final.num_rows, seconds)

@@ -1,4 +1,6 @@
-"""Stage ``augment``: the Semantic Interaction Augmentor (METHOD stage 1) -> ``<workdir>/augmented/``.
+"""The ``select`` stage: the Semantic Interaction Augmentor's LLM selection (SIA, METHOD 1).
+
+Output: ``<workdir>/augmented/``.
 
 Pipeline, one Ray Data stream over the chosen users:
   candidates/ (CCG, reverse model) -> selection prompts -> LLM actor pool (llmser_ray.llm)
@@ -13,7 +15,6 @@ where the actor pools span GPUs on several nodes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -26,15 +27,22 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
-from llmser_ray.augment.candidates import CandidatesResult, generate_candidates
 from llmser_ray.augment.grounding import Grounded, ground_lines, ground_numbers, ground_whole, split_lines
 from llmser_ray.augment.prompts import request_row, selection_messages, selection_schema
 from llmser_ray.augment.shards import ShardWriter
 from llmser_ray.config import Config
 from llmser_ray.data.dataset import load_dataset
-from llmser_ray.io import atomic_dir, manifest_header, read_manifest, write_json
+from llmser_ray.io import read_manifest, write_json
+from llmser_ray.stages.base import Stage, digest, needs
+from llmser_ray.stages.candidates import CandidatesResult, candidates_current, generate_candidates
 
-SCHEMA_VERSION = 1
+STAGE = Stage(
+    name="select", output="augmented", schema_version=1, inputs=("candidates", "embed (free-text grounding)"),
+    identity=("candidates digest", "augment.ask_items", "augment.prompt_history", "augment.grounding",
+              "augment.min_similarity", "llm identity (backend, model, base_url, sampling, seed)",
+              "embeddings digest (free-text grounding)"),
+    schema="docs/SCHEMA.md#augmented", summary="each chosen user's pseudo-prior items, picked by the LLM")
+SCHEMA_VERSION = STAGE.schema_version
 OUT_COLUMNS = ["user_id", "history", "candidates", "pseudo_items", "raw_reply", "status", "n_lines",
                "n_mapped", "n_unmapped", "n_duplicates", "prompt_tokens", "completion_tokens", "error"]
 
@@ -53,10 +61,6 @@ def llm_identity(cfg: Config) -> dict[str, Any]:
     return {"backend": llm.backend, "model": llm.model, "base_url": llm.base_url,
             "temperature": llm.temperature, "top_p": llm.top_p, "max_tokens": llm.max_tokens,
             "seed": llm.seed}
-
-
-def _digest(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- Ray Data stages
@@ -213,34 +217,56 @@ def summarise(table: pa.Table, seconds: float, new_users: int, reused_shards: in
     }
 
 
-def augment(cfg: Config, force: bool = False, candidates_only: bool = False) -> AugmentResult:
-    """Run CCG (cached) and, unless ``candidates_only``, the LLM selection with grounding."""
+def _sia_config(cfg: Config) -> dict[str, Any]:
+    keys = ("ask_items", "prompt_history", "grounding", "min_similarity")
+    return {k: getattr(cfg.augment, k) for k in keys}
+
+
+def select_key(cfg: Config) -> str:
+    """The identity of ``augmented/`` given the candidates and embeddings now on disk."""
+    emb_digest = None
+    if cfg.augment.grounding != "constrained":
+        emb_digest = (read_manifest(cfg.workdir_path / "embeddings") or {}).get("config_digest")
+    cand = read_manifest(cfg.workdir_path / "candidates") or {}
+    return digest({"candidates": cand.get("config_digest"), "sia": _sia_config(cfg),
+                   "llm": llm_identity(cfg), "embeddings": emb_digest, "v": SCHEMA_VERSION})
+
+
+def select_current(cfg: Config) -> bool:
+    """Whether ``augmented/`` is current (its candidates and embeddings current too)."""
+    if not candidates_current(cfg):
+        return False
+    if cfg.augment.grounding != "constrained":
+        from llmser_ray.stages.embed import embed_current
+
+        if not embed_current(cfg):
+            return False
+    return STAGE.current(STAGE.folder(cfg.workdir_path), select_key(cfg)) is not None
+
+
+def select_items(cfg: Config, force: bool = False) -> AugmentResult:
+    """The LLM selection with grounding over ``candidates/`` (produced first when missing)."""
     import ray
 
     from llmser_ray.llm import generate
     from llmser_ray.ray_utils import from_arrow_blocks, init_ray, iter_plain_batches, quiet_ray_data
 
-    cand = generate_candidates(cfg, force=force)
-    out = cfg.workdir_path / "augmented"
-    if candidates_only:
-        return AugmentResult(out, True, {}, cand)
+    cand = needs("select", "candidates", lambda: candidates_current(cfg), lambda: generate_candidates(cfg))
+    out = STAGE.folder(cfg.workdir_path)
     ds = load_dataset(cfg.workdir_path / "dataset")
     a = cfg.augment
-    sia_cfg = {k: getattr(a, k) for k in ("ask_items", "prompt_history", "grounding", "min_similarity")}
-    emb_digest = None
+    sia_cfg = _sia_config(cfg)
     if a.grounding != "constrained":
-        from llmser_ray.text.embed import embed_items
+        from llmser_ray.stages.embed import embed_current, embed_items
 
-        emb_digest = (read_manifest(embed_items(cfg).path) or {}).get("config_digest")
-    digest = _digest({"candidates": (read_manifest(cand.path) or {}).get("config_digest"), "sia": sia_cfg,
-                      "llm": llm_identity(cfg), "embeddings": emb_digest, "v": SCHEMA_VERSION})
-    done = read_manifest(out)
-    if done and done.get("config_digest") == digest and not force:
+        needs("select", "embed", lambda: embed_current(cfg), lambda: embed_items(cfg))
+    key = select_key(cfg)
+    if STAGE.current(out, key, force) is not None:
         return AugmentResult(out, True, json.loads((out / "summary.json").read_text()), cand)
 
     t0 = time.perf_counter()
     table = pq.read_table(cand.path / "candidates.parquet").select(["user_id", "history", "candidates"])
-    writer = ShardWriter(cfg.workdir_path / ".partial" / f"augment-{digest}",
+    writer = ShardWriter(cfg.workdir_path / ".partial" / f"augment-{key}",
                          table.column("user_id").to_numpy(), a.shard_size)
     pending = table.filter(pa.array(writer.pending_mask()))
     # Degenerate users (no candidate left to choose from) never reach the LLM.
@@ -283,12 +309,10 @@ def augment(cfg: Config, force: bool = False, candidates_only: bool = False) -> 
                          "rerun the same command: finished shards are kept and reused")
     result = _conform(result)
     summary = summarise(result, time.perf_counter() - t0, pending.num_rows, writer.reused)
-    with atomic_dir(out) as tmp:
-        pq.write_table(result, tmp / "augmented.parquet")
-        write_json(tmp / "summary.json", summary)
-        write_json(tmp / "manifest.json", {**manifest_header("augment", SCHEMA_VERSION),
-                                           "config_digest": digest, "config": sia_cfg,
-                                           "llm": llm_identity(cfg), "counts": {"users": result.num_rows}})
+    with STAGE.publish(out, key, config=sia_cfg, llm=llm_identity(cfg),
+                       counts={"users": result.num_rows}) as pub:
+        pq.write_table(result, pub.dir / "augmented.parquet")
+        write_json(pub.dir / "summary.json", summary)
     writer.cleanup()
     return AugmentResult(out, False, summary, cand)
 

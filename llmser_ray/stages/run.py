@@ -1,7 +1,7 @@
-"""``llmser-ray run``: every stage in order; each stage skips itself when its output is current.
+"""The whole pipeline (``llmser-ray run``): every stage in order; each skips itself when current.
 
 prepare -> pretrain (forward = baseline, reverse = candidate generator) -> [embed] -> augment
-(CCG, then SIA's LLM selection) -> validate (ARV) -> dual-channel train -> comparison with the
+(CCG, then SIA's LLM selection) -> reliability (ARV) -> dual-channel train -> comparison with the
 baseline. With ``dual.pseudo_source=candidates`` the LLM stages are skipped (the no-LLM
 ablation). ``upstream`` is shared with ``tune``, which runs it once before its trials.
 """
@@ -20,10 +20,11 @@ GROUPS = ("overall", "tail_user", "head_user", "tail_item", "head_item")
 
 def upstream(cfg: Config, console: Console | None = None) -> dict[str, Any]:
     """Every stage dual-channel training reads; returns the baseline's test metrics."""
-    from llmser_ray.augment.sia import augment
-    from llmser_ray.data.prepare import prepare
-    from llmser_ray.pretrain import pretrain
     from llmser_ray.reporting import print_metrics, print_summary
+    from llmser_ray.stages.candidates import generate_candidates
+    from llmser_ray.stages.prepare import prepare
+    from llmser_ray.stages.pretrain import pretrain
+    from llmser_ray.stages.select import select_items
 
     console = console or Console()
     console.rule("prepare")
@@ -35,16 +36,17 @@ def upstream(cfg: Config, console: Console | None = None) -> dict[str, Any]:
     print_metrics(pre.forward, cfg, console)
     llm = cfg.dual.pseudo_source == "llm"
     console.rule("augment: " + ("candidates + LLM selection (SIA)" if llm else "candidates only (no LLM)"))
-    aug = augment(cfg, candidates_only=not llm)
-    console.print(f"candidates: {aug.candidates.users} users ({aug.candidates.path})")
+    cand = generate_candidates(cfg)
+    console.print(f"candidates: {cand.users} users ({cand.path})")
     out: dict[str, Any] = {"baseline": pre.forward.test.get("full"),
                            "baseline_dir": str(pre.forward.model_dir)}
     if llm:
-        from llmser_ray.augment.arv import validate
+        from llmser_ray.stages.reliability import score_reliability
 
+        aug = select_items(cfg)
         print_summary("augmented", aug.path, aug.skipped, aug.summary, console)
-        console.rule("validate: adaptive reliability (ARV)")
-        val = validate(cfg)
+        console.rule("reliability: adaptive reliability validation (ARV)")
+        val = score_reliability(cfg)
         print_summary("reliability", val.path, val.skipped, val.summary, console)
         out["augment"], out["validate"] = aug.summary, val.summary
     return out
@@ -68,7 +70,7 @@ def comparison_table(baseline: dict[str, Any], augmented: dict[str, Any], metric
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     from llmser_ray.ray_utils import init_ray
     from llmser_ray.reporting import print_metrics
-    from llmser_ray.training import train
+    from llmser_ray.stages.train import train
 
     console = Console()
     init_ray(cfg.ray)

@@ -1,4 +1,4 @@
-"""Stage ``validate``: Adaptive Reliability Validation (METHOD stage 2) -> ``<workdir>/reliability/``.
+"""The ``reliability`` stage: Adaptive Reliability Validation (ARV, METHOD 2) -> ``<workdir>/reliability/``.
 
 For each augmented user: hide one known item, let the FORWARD backbone propose its top
 ``augment.arv_candidates`` from the augmented prefix (pseudo items + the rest of the history),
@@ -25,21 +25,27 @@ import pyarrow.parquet as pq
 
 from llmser_ray.augment.prompts import request_row, validation_choices, validation_messages
 from llmser_ray.augment.shards import ShardWriter
-from llmser_ray.augment.sia import _digest, llm_identity
 from llmser_ray.augment.weights import decay_weights
 from llmser_ray.config import Config
 from llmser_ray.data.dataset import load_dataset, split_list_column
 from llmser_ray.errors import StageError
-from llmser_ray.io import atomic_dir, manifest_header, read_manifest, write_json
-from llmser_ray.pretrain import pretrained_dir
+from llmser_ray.io import read_manifest, write_json
+from llmser_ray.stages.base import Stage, digest, needs
+from llmser_ray.stages.pretrain import forward_model
+from llmser_ray.stages.select import llm_identity, select_current, select_items
 
-SCHEMA_VERSION = 1
+STAGE = Stage(
+    name="reliability", output="reliability", schema_version=1, inputs=("select", "pretrain", "embed"),
+    identity=("augmented digest", "augment.hide", "augment.arv_candidates", "augment.prompt_history",
+              "llm identity", "forward model run key", "embeddings digest"),
+    schema="docs/SCHEMA.md#reliability", summary="each augmented user's reliability r_u and weight w_u")
+SCHEMA_VERSION = STAGE.schema_version
 STREAM_COLUMNS = ["user_id", "hidden_item", "arv_candidates", "picked_item", "raw_reply", "status",
                   "error", "r_u"]
 
 
 @dataclass
-class ValidateResult:
+class ReliabilityResult:
     path: Path
     skipped: bool
     summary: dict[str, Any]
@@ -133,39 +139,39 @@ def _skipped_rows(rows: pa.Table) -> pa.Table:
     })
 
 
-def validate(cfg: Config, force: bool = False) -> ValidateResult:
+def score_reliability(cfg: Config, force: bool = False) -> ReliabilityResult:
+    """ARV over ``augmented/`` (produced first, with its upstream, when missing or stale)."""
     import ray
 
     from llmser_ray.augment.scoring import TopKScorer
     from llmser_ray.llm import generate
     from llmser_ray.ray_utils import from_arrow_blocks, init_ray, iter_plain_batches, quiet_ray_data
-    from llmser_ray.text.embed import embed_items, load_item_vectors
+    from llmser_ray.stages.embed import embed_current, embed_items
+    from llmser_ray.text.embed import load_item_vectors
     from llmser_ray.text.faiss_index import FaissPool
 
+    aug = needs("reliability", "select", lambda: select_current(cfg), lambda: select_items(cfg))
+    aug_dir = aug.path
+    aug_manifest = read_manifest(aug_dir) or {}
+    forward = forward_model(cfg, "reliability")
+    emb = needs("reliability", "embed", lambda: embed_current(cfg), lambda: embed_items(cfg))
     ds = load_dataset(cfg.workdir_path / "dataset")
-    aug_dir = cfg.workdir_path / "augmented"
-    aug_manifest = read_manifest(aug_dir)
-    if aug_manifest is None:
-        raise StageError(f"no augmented dataset in {aug_dir}", "run `llmser-ray augment` first")
-    forward = pretrained_dir(cfg, reverse=False)
-    emb = embed_items(cfg)
     a = cfg.augment
     arv_cfg = {k: getattr(a, k) for k in ("hide", "arv_candidates", "prompt_history")}
-    digest = _digest({"augmented": aug_manifest.get("config_digest"), "arv": arv_cfg,
-                      "llm": llm_identity(cfg), "forward": (read_manifest(forward) or {}).get("run_key"),
-                      "embeddings": (read_manifest(emb.path) or {}).get("config_digest"),
-                      "v": SCHEMA_VERSION})
-    out = cfg.workdir_path / "reliability"
-    done = read_manifest(out)
-    if done and done.get("config_digest") == digest and not force:
+    key = digest({"augmented": aug_manifest.get("config_digest"), "arv": arv_cfg,
+                  "llm": llm_identity(cfg), "forward": (read_manifest(forward) or {}).get("run_key"),
+                  "embeddings": (read_manifest(emb.path) or {}).get("config_digest"),
+                  "v": SCHEMA_VERSION})
+    out = STAGE.folder(cfg.workdir_path)
+    if STAGE.current(out, key, force) is not None:
         import json
 
-        return ValidateResult(out, True, json.loads((out / "summary.json").read_text()))
+        return ReliabilityResult(out, True, json.loads((out / "summary.json").read_text()))
 
     t0 = time.perf_counter()
-    aug = pq.read_table(aug_dir / "augmented.parquet")
-    users = aug.column("user_id").to_numpy()
-    pseudo = [np.asarray(p, dtype=np.int64) for p in split_list_column(aug.column("pseudo_items"))]
+    aug_table = pq.read_table(aug_dir / "augmented.parquet")
+    users = aug_table.column("user_id").to_numpy()
+    pseudo = [np.asarray(p, dtype=np.int64) for p in split_list_column(aug_table.column("pseudo_items"))]
     original = [ds.sequences[u - 1][:-2] for u in users]
     todo = np.array([len(p) > 0 for p in pseudo])
     hidden, prefixes = [], []
@@ -179,7 +185,7 @@ def validate(cfg: Config, force: bool = False) -> ValidateResult:
         "inputs": pa.array([prefixes[i].tolist() for i in np.flatnonzero(todo)], pa.list_(pa.int64())),
         "exclude": pa.array([prefixes[i].tolist() for i in np.flatnonzero(todo)], pa.list_(pa.int64())),
     })
-    writer = ShardWriter(cfg.workdir_path / ".partial" / f"validate-{digest}",
+    writer = ShardWriter(cfg.workdir_path / ".partial" / f"validate-{key}",
                          rows.column("user_id").to_numpy(), a.shard_size)
     pending = rows.filter(pa.array(writer.pending_mask()))
     if pending.num_rows:
@@ -214,16 +220,14 @@ def validate(cfg: Config, force: bool = False) -> ValidateResult:
     if not writer.complete or (streamed is not None and streamed.num_rows != rows.num_rows):
         raise StageError(f"validation finished {len(writer.done)}/{writer.n_shards} shards",
                          "rerun the same command: finished shards are kept and reused")
-    table = _assemble(cfg, ds, aug, users, original, pseudo, hidden, streamed)
+    table = _assemble(cfg, ds, aug_table, users, original, pseudo, hidden, streamed)
     summary = summarise(table, time.perf_counter() - t0, pending.num_rows)
-    with atomic_dir(out) as tmp:
-        pq.write_table(table, tmp / "reliability.parquet")
-        write_json(tmp / "summary.json", summary)
-        write_json(tmp / "manifest.json", {**manifest_header("validate", SCHEMA_VERSION),
-                                           "config_digest": digest, "config": arv_cfg,
-                                           "llm": llm_identity(cfg), "counts": {"users": table.num_rows}})
+    with STAGE.publish(out, key, config=arv_cfg, llm=llm_identity(cfg),
+                       counts={"users": table.num_rows}) as pub:
+        pq.write_table(table, pub.dir / "reliability.parquet")
+        write_json(pub.dir / "summary.json", summary)
     writer.cleanup()
-    return ValidateResult(out, False, summary)
+    return ReliabilityResult(out, False, summary)
 
 
 def _assemble(cfg: Config, ds: Any, aug: pa.Table, users: np.ndarray, original: list[np.ndarray],
