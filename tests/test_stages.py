@@ -74,3 +74,21 @@ def test_library_packages_import_no_stage() -> None:
                         else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
                 offenders += [f"{path.name}: {m}" for m in mods if m.startswith("llmser_ray.stages")]
     assert offenders == []
+
+
+def test_a_prepared_dataset_is_never_replaced_by_a_later_commands_default_data(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`prepare -w W --set data...` then `embed -w W` (no data flags): the dataset stays W's.
+    Only a workdir without a dataset gets one prepared first, and the console says so."""
+    from llmser_ray.config import load_config
+    from llmser_ray.stages.prepare import need_dataset, prepare
+
+    small = ["data.synthetic.n_users=60", "data.synthetic.n_items=40"]
+    prepare(load_config(None, [f"workdir={tmp_path}", *small]))
+    before = read_manifest(tmp_path / "dataset")
+    need_dataset(load_config(None, [f"workdir={tmp_path}"]), "embed")  # default data section
+    assert read_manifest(tmp_path / "dataset") == before and capsys.readouterr().out == ""
+    fresh = tmp_path / "fresh"
+    need_dataset(load_config(None, [f"workdir={fresh}", *small]), "train")
+    assert "[train] needs prepare" in capsys.readouterr().out
+    assert read_manifest(fresh / "dataset") is not None

@@ -19,7 +19,7 @@ import numpy as np
 from llmser_ray.config import Config, EmbedConfig
 from llmser_ray.errors import StageError
 from llmser_ray.io import read_manifest
-from llmser_ray.stages.base import Stage, digest, needs
+from llmser_ray.stages.base import Stage, digest
 from llmser_ray.text.embed import VECTORS_FILE, EmbedBatch, resolve_embedding_model
 
 STAGE = Stage(
@@ -59,10 +59,10 @@ def _num_blocks(n_items: int, cfg: EmbedConfig) -> int:
 
 def embed_items(cfg: Config, force: bool = False) -> EmbedResult:
     """Embed every item's ``text`` into ``<workdir>/embeddings`` (skipped when current)."""
-    from llmser_ray.stages.prepare import prepare, prepare_current
+    from llmser_ray.stages.prepare import need_dataset
 
     t0 = time.perf_counter()
-    needs("embed", "prepare", lambda: prepare_current(cfg), lambda: prepare(cfg))
+    need_dataset(cfg, "embed")
     dataset_dir = cfg.workdir_path / "dataset"
     items_path = dataset_dir / "items.parquet"
     ds_manifest = read_manifest(dataset_dir)

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 from llmser_ray.config import Config, DataConfig
 from llmser_ray.errors import DataError
-from llmser_ray.io import sha256_file
-from llmser_ray.stages.base import Stage, digest
+from llmser_ray.io import read_manifest, sha256_file
+from llmser_ray.stages.base import Stage, digest, needs
 
 STAGE = Stage(
     name="prepare", output="dataset", schema_version=1, inputs=(),
@@ -194,6 +194,19 @@ def prepare_current(cfg: Config) -> bool:
         return False
     key = _digest(cfg.data, _source_checksums(cfg.data))
     return STAGE.current(STAGE.folder(cfg.workdir_path), key) is not None
+
+
+def need_dataset(cfg: Config, stage: str) -> None:
+    """The upstream rule for the dataset: prepare it first (and say so) only when the workdir
+    has none.
+
+    A dataset already in the workdir is that workdir's data, whatever this command's ``data``
+    section says: after ``prepare -w runs/beauty --set data.source=s3rec ...`` the later
+    commands do not repeat the data flags, and re-preparing from their default (synthetic)
+    ``data`` section would replace the user's dataset. To change the data, run ``prepare``.
+    """
+    if read_manifest(STAGE.folder(cfg.workdir_path)) is None:
+        needs(stage, "prepare", lambda: False, lambda: prepare(cfg))
 
 
 def prepare(cfg: Config, force: bool = False) -> PrepareResult:

@@ -41,6 +41,7 @@ from llmser_ray.models.batching import TrainBatch, by_length, training_batch
 from llmser_ray.models.losses import Objective
 from llmser_ray.stages.base import Stage, digest
 from llmser_ray.stages.evaluate import evaluate_splits, split_groups
+from llmser_ray.stages.prepare import need_dataset
 
 SCHEMA_VERSION = 1
 STAGE = Stage(
@@ -433,6 +434,7 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
 
     name = name or default_name(cfg)
     dataset_dir = cfg.workdir_path / "dataset"
+    need_dataset(cfg, "train")
     ds = load_dataset(dataset_dir)
     if cfg.dual.enabled:  # fail here, with the fix, rather than inside a Ray worker
         from llmser_ray.augment.weights import load_augmentation
