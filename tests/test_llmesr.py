@@ -193,3 +193,18 @@ def test_config_sections_and_run_key() -> None:
                     manifest) == plain  # a disabled section does not change existing keys
     assert _run_key(on, manifest) != plain
     assert default_name(on) == "sasrec-dualview"
+
+
+def test_tune_can_search_alpha_but_not_the_neighbours_stage() -> None:
+    from llmser_ray.stages.tune import check_search, experiment_name, trial_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "tune_configs" / "llmesr_beauty.yaml")
+    check_search(cfg)
+    trial = trial_config(cfg.model_dump(mode="json"), {"distill.alpha": 0.5, "distill.users": "tail"})
+    assert trial.distill.alpha == 0.5 and trial.semantic.enabled and not trial.dual.enabled
+    other = cfg.model_copy(update={"semantic": cfg.semantic.model_copy(update={"freeze": False})})
+    assert experiment_name(other) != experiment_name(cfg)  # LLM-ESR sections are its identity
+    bad = load_config(overrides=["tune.search={distill.retrieve: {grid: [50, 100]}}"])
+    with pytest.raises(ConfigError, match="cached upstream stage"):
+        check_search(bad)
