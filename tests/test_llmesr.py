@@ -208,3 +208,51 @@ def test_tune_can_search_alpha_but_not_the_neighbours_stage() -> None:
     bad = load_config(overrides=["tune.search={distill.retrieve: {grid: [50, 100]}}"])
     with pytest.raises(ConfigError, match="cached upstream stage"):
         check_search(bad)
+
+
+def test_serving_loads_the_dual_view_and_scores_a_cold_item_from_its_text(tmp_path: Path) -> None:
+    """A cold item (its ID row never trained: zero) still scores, through its text: its score
+    is exactly its semantic part, and without text it would be exactly zero."""
+    import asyncio
+
+    import httpx
+
+    from llmser_ray.data.dataset import load_dataset
+    from llmser_ray.serving import bare_app
+    from llmser_ray.stages.prepare import prepare
+
+    cfg = load_config(None, [f"workdir={tmp_path}", "data.synthetic.n_users=40",
+                             "data.synthetic.n_items=30", "serve.max_k=100"])
+    prepare(cfg)
+    ds = load_dataset(tmp_path / "dataset")
+    n = ds.num_items
+    g = torch.Generator().manual_seed(1)
+    text = torch.nn.functional.normalize(torch.randn(n + 1, TEXT_DIM, generator=g), dim=1)
+    text[0] = 0
+    mcfg = ModelConfig(hidden=16, max_len=8, dropout=0.1)
+    torch.manual_seed(0)
+    model = build_model(mcfg, n, SemanticConfig(enabled=True), text).eval()
+    cold = 7
+    with torch.no_grad():
+        model.item_emb.weight[cold] = 0  # never interacted with: no collaborative signal
+    best = tmp_path / "models" / "sasrec-dualview" / "best"
+    best.mkdir(parents=True)
+    write_trained(best, model.state_dict(), {"model": mcfg.model_dump(mode="json"), "num_items": n,
+                                             "epoch": 1, "semantic": {"enabled": True}})
+    app = bare_app(cfg.model_copy(update={"serve": cfg.serve.model_copy(
+        update={"model": "sasrec-dualview"})}))
+    history = [1, 2, 3]
+
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.post("/recommend", json={"item_ids": history, "k": n})
+
+    r = asyncio.run(go())
+    assert r.status_code == 200, r.text
+    scores = {it["item_id"]: it["score"] for it in r.json()["items"]}
+    assert cold in scores and r.json()["model"] == "sasrec-dualview"
+    seqs = torch.tensor([history])
+    with torch.no_grad():
+        h = model.user_repr(seqs)[0]
+        semantic_part = float(h[16:] @ model.item_embeddings()[cold, 16:])
+    assert scores[cold] == pytest.approx(semantic_part, abs=1e-5) and semantic_part != 0
