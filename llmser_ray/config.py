@@ -343,8 +343,11 @@ class SemanticConfig(_Strict):
     # Adapter text dim -> adapter_hidden -> model.hidden; 0 = half the text dim (the reference's d/2).
     adapter_hidden: int = Field(0, ge=0, le=65536)
     # concat: the two views' user states concatenated and scored against the concatenated item
-    # views (the reference's default path). cross_attention is the paper's option (not built yet).
+    # views (the reference's default path). cross_attention: before the backbone, each view's
+    # input sequence also attends to the other's (two heads, causal for causal backbones; the
+    # paper's --use_cross_att), then concat as above.
     fusion: Literal["concat", "cross_attention"] = "concat"
+    cross_heads: int = Field(2, ge=1, le=64)
     # Keep the text table fixed (the reference's --freeze); False fine-tunes it too.
     freeze: bool = True
     # Initialise the ID embeddings from a model.hidden-d PCA of the text table (else N(0, 0.02)).
@@ -352,12 +355,6 @@ class SemanticConfig(_Strict):
     # Items whose text is empty have a zero vector: "error" refuses to train on them (their
     # semantic view would be the adapter's bias only); "allow" trains anyway.
     missing_text: Literal["error", "allow"] = "error"
-
-    @model_validator(mode="after")
-    def _fusion(self) -> SemanticConfig:
-        if self.fusion != "concat":
-            raise ValueError("semantic.fusion=cross_attention is not implemented yet: use concat")
-        return self
 
 
 class DistillConfig(_Strict):

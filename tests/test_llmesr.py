@@ -59,6 +59,21 @@ def test_frozen_text_gets_no_gradient_and_the_adapter_does(backbone: str) -> Non
     assert free.text.weight.grad is not None and free.text.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_cross_attention_fusion_trains_and_stays_causal(backbone: str) -> None:
+    model = _dual(backbone, fusion="cross_attention")
+    Objective().batch_loss(LossModule(model)(SEQS, Objective(), None)).backward()
+    for p in model.cross.parameters():
+        assert p.grad is not None
+    model.eval()
+    a, b = SEQS.clone(), SEQS.clone()
+    b[:, -1] = 12  # change only the newest item
+    ha, hb = model(a), model(b)
+    if model.causal:  # no position before the last may see the change, through either view
+        assert torch.allclose(ha[:, :-1], hb[:, :-1], atol=1e-6)
+    assert not torch.allclose(ha[:, -1], hb[:, -1])
+
+
 def test_adapter_product_is_the_two_layers() -> None:
     """The adapter runs as its layers' product (3x cheaper): the same function."""
     model = _dual()
@@ -180,8 +195,6 @@ def test_bad_text_tables_get_one_line_errors() -> None:
 
 
 def test_config_sections_and_run_key() -> None:
-    with pytest.raises(ConfigError, match="cross_attention is not implemented"):
-        load_config(overrides=["semantic.fusion=cross_attention"])
     with pytest.raises(ConfigError, match="distill.k"):
         load_config(overrides=["distill.k=20", "distill.retrieve=10"])
     cfg = Config()

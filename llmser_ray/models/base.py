@@ -31,6 +31,9 @@ class SeqRecModel(nn.Module):
     # padding) and buckets must pay off (not so for GRU4Rec, whose packed GRU already skips
     # padding, so buckets only add calls).
     bucket_by_length: bool = True
+    # Whether position t may only read items up to t (SASRec, GRU4Rec), not BERT4Rec's both sides:
+    # what a layer added around the backbone must respect (the dual view's cross-attention).
+    causal: bool = True
     # Whether a training step should compute ``item_embeddings()`` once and share it between
     # its length buckets: True where the table is computed (the dual view's adapter), not a
     # slice of a parameter as in the plain backbones.

@@ -27,6 +27,8 @@ def _rand(shape: tuple[int, ...], like: torch.Tensor,
 
 
 class BERT4Rec(SeqRecModel):
+    causal = False
+
     def __init__(self, cfg: ModelConfig, num_items: int) -> None:
         super().__init__(num_items, cfg.max_len)
         d = cfg.hidden

@@ -8,8 +8,10 @@ Any backbone of this package, unchanged, run twice per sequence:
   frozen, through a trainable adapter (text dim -> d/2 -> hidden, two linear layers as in the
   reference), fed to the same layers through ``forward(seqs, embeds=...)``.
 
-The two hidden states are concatenated ``[B, L, 2D]`` and the item table is the concatenation
-of both views ``[I + 1, 2D]``, so a score is ``h_id . e_id + h_sem . e_sem``. Everything
+With ``semantic.fusion=cross_attention`` each view's input sequence first attends to the
+other's (``CrossAttention``, the paper's option). The two hidden states are concatenated
+``[B, L, 2D]`` and the item table is the concatenation of both views ``[I + 1, 2D]``, so a
+score is ``h_id . e_id + h_sem . e_sem``. Everything
 downstream (losses, length buckets, evaluation, serving's top-k) sees an ordinary
 ``SeqRecModel`` of width ``2D``.
 
@@ -27,6 +29,7 @@ import torch.nn as nn
 from llmser_ray.config import SemanticConfig
 from llmser_ray.errors import ConfigError
 from llmser_ray.models.base import SeqRecModel
+from llmser_ray.models.sasrec import attention_mask
 
 
 def pca_projection(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -39,6 +42,30 @@ def pca_projection(vectors: np.ndarray, dim: int) -> np.ndarray:
     centred = x - x.mean(axis=0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     return (centred @ vt[:dim].T).astype(np.float32)
+
+
+class CrossAttention(nn.Module):
+    """One view's sequence attending to the other's (LLM-ESR's optional fusion), with a residual:
+    ``x + attn(q = x, k = v = y)``. Causal backbones get a causal mask, so position t never
+    reads a later item through the other view; padded keys are masked as in the backbones."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"semantic.cross_heads ({heads}) must divide model.hidden ({dim})")
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.heads
+        q = self.q(x).view(b, n, h, d // h).transpose(1, 2)
+        k, v = self.kv(y).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return x + self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class DualView(SeqRecModel):
@@ -59,6 +86,12 @@ class DualView(SeqRecModel):
         self.text = nn.Embedding.from_pretrained(text.float(), freeze=cfg.freeze, padding_idx=0)
         mid = cfg.adapter_hidden or max(1, d_text // 2)
         self.adapter = nn.Sequential(nn.Linear(d_text, mid), nn.Linear(mid, hidden))
+        self.cross = None
+        if cfg.fusion == "cross_attention":
+            dropout = float(getattr(getattr(backbone, "drop", None), "p", 0.0))
+            self.cross = nn.ModuleList(CrossAttention(hidden, cfg.cross_heads, dropout)
+                                       for _ in range(2))  # id <- semantic, semantic <- id
+        self.causal = backbone.causal
         # Tokens beyond the items (BERT4Rec's [MASK]) have no text: a trainable semantic row each.
         extra = backbone.item_emb.num_embeddings - n
         self.extra = nn.Parameter(torch.randn(extra, hidden) * 0.02) if extra > 0 else None
@@ -111,7 +144,12 @@ class DualView(SeqRecModel):
         if embeds is not None:
             raise ValueError("DualView builds its own input embeddings")
         seqs = seqs[:, -self.max_len:]
-        return torch.cat([self.backbone(seqs), self.backbone(seqs, self.semantic(seqs))], dim=-1)
+        ids, sem = self.item_emb(seqs), self.semantic(seqs)
+        if self.cross is not None:
+            mask = attention_mask(seqs, causal=self.causal)
+            keep = (seqs > 0).unsqueeze(-1)
+            ids, sem = self.cross[0](ids, sem, mask) * keep, self.cross[1](sem, ids, mask) * keep
+        return torch.cat([self.backbone(seqs, ids), self.backbone(seqs, sem)], dim=-1)
 
     def item_embeddings(self) -> torch.Tensor:
         """``[I + 1, 2D]``: both views of every item (the semantic one computed from text)."""
