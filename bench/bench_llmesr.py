@@ -28,7 +28,7 @@ from llmser_ray.data.dataset import load_dataset
 from llmser_ray.evaluation import rank_targets
 from llmser_ray.models import build_model
 from llmser_ray.models.batching import training_batch
-from llmser_ray.models.losses import Objective
+from llmser_ray.models.losses import Distillation, Objective
 from llmser_ray.stages.train import LossModule, TrainingData, distillation, semantic_table, train_step
 
 
@@ -51,6 +51,9 @@ def main() -> None:
     ap.add_argument("--valid-users", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--random-neighbours", action="store_true",
+                    help="cost only: random neighbours instead of user_neighbours/ (the term's "
+                         "cost does not depend on which users they are)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = load_config(args.config, args.set)
@@ -63,7 +66,13 @@ def main() -> None:
         model = build_model(cfg.model, ds.num_items, cfg.semantic, semantic_table(cfg, ds))
         wrapped = LossModule(model).train()
         opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-        setups[name] = (cfg, model, wrapped, opt, distillation(cfg, ds))
+        if cfg.distill.enabled and args.random_neighbours:
+            rng = np.random.default_rng(0)
+            nb = torch.from_numpy(rng.integers(1, ds.num_users + 1, (ds.num_users + 1, cfg.distill.k)))
+            distill = Distillation(nb, torch.ones(ds.num_users + 1, dtype=torch.bool), cfg.distill.alpha)
+        else:
+            distill = distillation(cfg, ds)
+        setups[name] = (cfg, model, wrapped, opt, distill)
     step_s: dict[str, list[float]] = {n: [] for n in setups}
     valid_s: dict[str, list[float]] = {n: [] for n in setups}
     bs = base.train.batch_size
@@ -86,8 +95,9 @@ def main() -> None:
             print(f"round {r} {name}: {step_s[name][-1] * 1000:.1f} ms/step, "
                   f"validation {valid_s[name][-1]:.1f} s (load {loadavg()})", flush=True)
     steps_per_epoch = -(-len(order) // bs)
-    out = {"steps_per_round": args.steps, "rounds": args.rounds, "threads": args.threads,
-           "steps_per_epoch": steps_per_epoch, "arms": {}}
+    out = {"steps_per_round": args.steps, "random_neighbours": args.random_neighbours,
+           "rounds": args.rounds, "threads": args.threads, "steps_per_epoch": steps_per_epoch,
+           "arms": {}}
     for name in setups:
         # Round 0 warms caches and allocators; the median of the rest (all if only one round).
         s = statistics.median(step_s[name][1:] or step_s[name])
