@@ -7,7 +7,8 @@ of NDCG@10 against the baseline.
         --run baseline-s42=docs/quality_beauty.json#sasrec/42 \\
         --run dualview-s42=/work/runs19/beauty/models/sasrec-dualview-s42 ...
 
-A ``--run`` is a model folder (its metrics.json) or ``FILE#arm/seed``, the per-seed test metrics
+A ``--run`` is a model folder (its metrics.json), the JSON of bench/eval_partial.py (an
+unfinished run, marked so) or ``FILE#arm/seed``, the per-seed test metrics
 stored in a quality JSON of bench/quality_backbones.py.
 """
 
@@ -35,6 +36,12 @@ def load_run(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
         run = runs[seed] if isinstance(runs, dict) else runs[int(seed)]
         return run["test"], {"source": spec, "best_epoch": run.get("best_epoch"),
                              "epochs_run": run.get("epochs_run")}
+    if spec.endswith(".json"):  # bench/eval_partial.py: an unfinished run's best weights
+        p = json.loads(Path(spec).read_text())
+        return p["test"], {"source": spec, "UNFINISHED_stopped_at_epoch": p["stopped_at"],
+                           "best_epoch": p["best_epoch"], "best_valid_ndcg@10": p["best_valid"],
+                           "median_train_s": statistics.median(h["train_s"] for h in p["history"]),
+                           "median_epoch_s": statistics.median(h["epoch_s"] for h in p["history"])}
     m = json.loads((Path(spec) / "metrics.json").read_text())
     hist = m["history"]
     return m["test"], {"source": spec, "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"],
