@@ -151,6 +151,21 @@ def embed(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = N
 
 @app.command()
 @_user_errors
+def neighbours(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
+               address: AddressOpt = None, force: ForceOpt = False) -> None:
+    """Embed each user's history titles and store its nearest users (<workdir>/user_neighbours),
+    LLM-ESR's retrieval for self-distillation (train runs it itself when distill.enabled)."""
+    from llmser_ray.stages.user_neighbours import user_neighbours
+
+    cfg = _config(config, set_, workdir, address)
+    with workdir_lock(cfg.workdir_path):
+        res = user_neighbours(cfg, force=force)
+    typer.echo(f"user neighbours {'up to date' if res.skipped else 'written'}: {res.path} "
+               f"({res.seconds:.1f}s)")
+
+
+@app.command()
+@_user_errors
 def augment(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
             address: AddressOpt = None, force: ForceOpt = False,
             candidates_only: Annotated[bool, typer.Option(

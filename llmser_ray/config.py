@@ -328,6 +328,59 @@ class DualConfig(_Strict):
     infer_augmented: bool = True
 
 
+class SemanticConfig(_Strict):
+    """LLM-ESR's dual-view items (Liu et al. 2024; models/dualview.py): a semantic view from the
+    frozen item-text embeddings through a trainable adapter, a collaborative view of ID
+    embeddings initialised from their PCA, one backbone over both, scores against both.
+
+    Off by default: the defaults stay the measured best (docs/RESULTS.md, "LLM-ESR").
+    """
+
+    enabled: bool = False
+    # Where the item-text table comes from: "embed" = the embed stage's embeddings/ (embed.model,
+    # all-MiniLM-L6-v2 by default); produced first when missing.
+    source: Literal["embed"] = "embed"
+    # Adapter text dim -> adapter_hidden -> model.hidden; 0 = half the text dim (the reference's d/2).
+    adapter_hidden: int = Field(0, ge=0, le=65536)
+    # concat: the two views' user states concatenated and scored against the concatenated item
+    # views (the reference's default path). cross_attention: before the backbone, each view's
+    # input sequence also attends to the other's (two heads, causal for causal backbones; the
+    # paper's --use_cross_att), then concat as above.
+    fusion: Literal["concat", "cross_attention"] = "concat"
+    cross_heads: int = Field(2, ge=1, le=64)
+    # Keep the text table fixed (the reference's --freeze); False fine-tunes it too.
+    freeze: bool = True
+    # Initialise the ID embeddings from a model.hidden-d PCA of the text table (else N(0, 0.02)).
+    pca_init: bool = True
+    # Items whose text is empty have a zero vector: "error" refuses to train on them (their
+    # semantic view would be the adapter's bias only); "allow" trains anyway.
+    missing_text: Literal["error", "allow"] = "error"
+
+
+class DistillConfig(_Strict):
+    """LLM-ESR's retrieval-augmented self-distillation: each user's state is pulled towards the
+    detached mean state of its ``k`` most similar users by history-title embedding
+    (stages/user_neighbours.py; models/losses.py ``Distillation``)."""
+
+    enabled: bool = False
+    # Neighbours used per user, out of ``retrieve`` retrieved by FAISS (the user itself never
+    # counts): the reference's 10 of 100.
+    k: int = Field(10, ge=1, le=1000)
+    retrieve: int = Field(100, ge=1, le=10_000)
+    # Weight of the MSE between a user's state and its neighbours' mean (the reference's 0.1).
+    alpha: float = Field(0.1, ge=0, le=100)
+    # Which users get the auxiliary loss: every user (the reference code) or long-tail users only.
+    users: Literal["all", "tail"] = "all"
+    # Most recent history titles in a user's text (MiniLM reads at most 256 tokens anyway).
+    max_titles: int = Field(20, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _k(self) -> DistillConfig:
+        if self.k > self.retrieve:
+            raise ValueError(f"distill.k ({self.k}) cannot exceed distill.retrieve ({self.retrieve})")
+        return self
+
+
 class SearchSpec(_Strict):
     """One searched key: exactly one of grid / choice / uniform / loguniform / randint."""
 
@@ -440,6 +493,8 @@ class Config(_Strict):
     llm: LLMConfig = LLMConfig()
     augment: AugmentConfig = AugmentConfig()
     dual: DualConfig = DualConfig()
+    semantic: SemanticConfig = SemanticConfig()
+    distill: DistillConfig = DistillConfig()
     tune: TuneConfig = TuneConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()

@@ -31,6 +31,13 @@ class SeqRecModel(nn.Module):
     # padding) and buckets must pay off (not so for GRU4Rec, whose packed GRU already skips
     # padding, so buckets only add calls).
     bucket_by_length: bool = True
+    # Whether position t may only read items up to t (SASRec, GRU4Rec), not BERT4Rec's both sides:
+    # what a layer added around the backbone must respect (the dual view's cross-attention).
+    causal: bool = True
+    # Whether a training step should compute ``item_embeddings()`` once and share it between
+    # its length buckets: True where the table is computed (the dual view's adapter), not a
+    # slice of a parameter as in the plain backbones.
+    table_once: bool = False
 
     def __init__(self, num_items: int, max_len: int) -> None:
         super().__init__()
@@ -39,9 +46,14 @@ class SeqRecModel(nn.Module):
         self.num_items = num_items
         self.max_len = max_len
 
-    def forward(self, seqs: torch.Tensor) -> torch.Tensor:
+    def forward(self, seqs: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states ``[B, min(L, max_len), D]`` of the last ``max_len`` positions: position t
-        has read the items up to t (or around t)."""
+        has read the items up to t (or around t).
+
+        ``embeds`` ``[B, L, D]``, when given, replaces the lookup of ``seqs`` in ``item_emb``
+        (``seqs`` still decides padding and masks): it lets a wrapper run the same layers over
+        another view of the items (``models/dualview.py``).
+        """
         raise NotImplementedError
 
     def item_embeddings(self) -> torch.Tensor:
@@ -61,9 +73,14 @@ class SeqRecModel(nn.Module):
         targets = seqs[:, 1:][:, -self.max_len:]
         return inputs, targets, inputs > 0
 
+    def inference_inputs(self, seqs: torch.Tensor) -> torch.Tensor:
+        """What the model reads to predict the item after each history: its last ``max_len``
+        items (BERT4Rec appends its [MASK])."""
+        return seqs[:, -self.max_len:]
+
     def last_state(self, seqs: torch.Tensor) -> torch.Tensor:
         """``[B, D]`` predicting the item after each history (its last ``max_len`` items)."""
-        return self(seqs[:, -self.max_len:])[:, -1]
+        return self(self.inference_inputs(seqs))[:, -1]
 
     def user_repr(self, seqs: torch.Tensor) -> torch.Tensor:
         """``last_state``, by length bucket where that is exact and faster: the evaluator pads

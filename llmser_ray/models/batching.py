@@ -13,7 +13,7 @@ most of their work on padding (docs/TRAINING.md, "Length buckets").
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,12 +36,14 @@ class TrainBatch:
     ``seqs`` rows ``0..U-1`` are the users' original sequences; row ``U + j`` is the augmented
     sequence of user ``aug_users[j]`` with dual-channel weight ``aug_weights[j]`` (only users
     with ``w_u > 0`` have one; plain training has none). One tensor means one forward pass, so
-    a user's two channels always share a step and DDP sees one graph.
+    a user's two channels always share a step and DDP sees one graph. ``users`` are the user
+    ids of rows ``0..U-1`` when the step needs them (LLM-ESR's self-distillation), else empty.
     """
 
     seqs: torch.Tensor
     aug_users: torch.Tensor
     aug_weights: torch.Tensor
+    users: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     @classmethod
     def plain(cls, seqs: torch.Tensor) -> TrainBatch:
@@ -50,22 +52,25 @@ class TrainBatch:
 
     def to(self, device: torch.device | str) -> TrainBatch:
         return TrainBatch(self.seqs.to(device), self.aug_users.to(device),
-                          self.aug_weights.to(device))
+                          self.aug_weights.to(device), self.users.to(device))
 
 
 def training_batch(idx: np.ndarray, train_seqs: Sequence[np.ndarray], max_len: int,
                    aug_seqs: Sequence[np.ndarray] | None = None,
-                   weights: np.ndarray | None = None) -> TrainBatch:
+                   weights: np.ndarray | None = None,
+                   users: np.ndarray | None = None) -> TrainBatch:
     """The ``TrainBatch`` of users ``idx``; ``aug_seqs`` and ``weights`` (indexed like
-    ``train_seqs``) add the augmented channel of the users whose weight is positive."""
+    ``train_seqs``) add the augmented channel of the users whose weight is positive; ``users``
+    (indexed the same way) gives the rows' user ids."""
     seqs = [train_seqs[i] for i in idx]
     aug_rows = np.zeros(0, dtype=np.int64)
     if aug_seqs is not None and weights is not None:
         aug_rows = np.flatnonzero(weights[idx] > 0)
         seqs += [aug_seqs[idx[j]] for j in aug_rows]
     aug_weights = np.zeros(0) if weights is None else weights[idx[aug_rows]]
+    ids = torch.zeros(0, dtype=torch.long) if users is None else torch.from_numpy(users[idx])
     return TrainBatch(pad_batch(seqs, max_len), torch.from_numpy(aug_rows),
-                      torch.as_tensor(aug_weights, dtype=torch.float32))
+                      torch.as_tensor(aug_weights, dtype=torch.float32), ids)
 
 
 def by_length(fn: Callable[[torch.Tensor], torch.Tensor], seqs: torch.Tensor,

@@ -27,6 +27,8 @@ def _rand(shape: tuple[int, ...], like: torch.Tensor,
 
 
 class BERT4Rec(SeqRecModel):
+    causal = False
+
     def __init__(self, cfg: ModelConfig, num_items: int) -> None:
         super().__init__(num_items, cfg.max_len)
         d = cfg.hidden
@@ -43,22 +45,23 @@ class BERT4Rec(SeqRecModel):
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
         self.apply(init_weights)
 
-    def forward(self, seqs: torch.Tensor) -> torch.Tensor:
+    def forward(self, seqs: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
         seqs = seqs[:, -self.max_len:]
         n = seqs.shape[1]
         keep = (seqs > 0).unsqueeze(-1)
         positions = torch.arange(self.max_len - n, self.max_len, device=seqs.device)
-        x = self.drop(self.item_emb(seqs) + self.pos_emb(positions)) * keep
+        e = self.item_emb(seqs) if embeds is None else embeds[:, -n:]
+        x = self.drop(e + self.pos_emb(positions)) * keep
         mask = attention_mask(seqs, causal=False)
         for block in self.blocks:
             x = block(x, mask) * keep
         return self.head(self.ln_f(x))
 
-    def last_state(self, seqs: torch.Tensor) -> torch.Tensor:
-        """The output at a [MASK] appended after the last ``max_len - 1`` history items."""
+    def inference_inputs(self, seqs: torch.Tensor) -> torch.Tensor:
+        """A [MASK] appended after the last ``max_len - 1`` history items: its output is scored."""
         history = seqs[:, -(self.max_len - 1):]
         mask = torch.full_like(history[:, :1], self.mask_token)
-        return self(torch.cat([history, mask], dim=1))[:, -1]
+        return torch.cat([history, mask], dim=1)
 
     def cloze_mask(self, seqs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Which positions to hide: each item with ``mask_prob``, at least one per non-empty row.

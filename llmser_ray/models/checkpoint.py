@@ -11,12 +11,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
-from llmser_ray.config import ModelConfig
+from llmser_ray.config import ModelConfig, SemanticConfig
 from llmser_ray.errors import StageError
+from llmser_ray.io import write_json
 from llmser_ray.models import build_model
 from llmser_ray.models.base import SeqRecModel
+
+
+def write_trained(best: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write ``best/``: the weights as safetensors (a dual view's frozen text table included: the
+    model is rebuilt from this folder alone) and the JSON header ``load_trained`` rebuilds from."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+              str(Path(best) / "model.safetensors"))
+    write_json(Path(best) / "model.json", meta)
 
 
 def load_trained(folder: str | Path) -> tuple[SeqRecModel, dict[str, Any]]:
@@ -26,7 +36,16 @@ def load_trained(folder: str | Path) -> tuple[SeqRecModel, dict[str, Any]]:
     if not meta_path.is_file():
         raise StageError(f"no trained model in {folder}", "run `llmser-ray train` first")
     meta = json.loads(meta_path.read_text())
-    model = build_model(ModelConfig.model_validate(meta["model"]), int(meta["num_items"]))
-    model.load_state_dict(load_file(str(best / "model.safetensors")))
+    weights = load_file(str(best / "model.safetensors"))
+    semantic = SemanticConfig.model_validate(meta["semantic"]) if meta.get("semantic") else None
+    text = None
+    if semantic is not None:  # LLM-ESR's dual view: its frozen text table is in the weights
+        if "text.weight" not in weights:
+            raise StageError(f"{best} says the model is dual-view but its weights hold no text table",
+                             "retrain it (`llmser-ray train --force`)")
+        text = torch.zeros_like(weights["text.weight"])
+    model = build_model(ModelConfig.model_validate(meta["model"]), int(meta["num_items"]),
+                        semantic, text, init=False)
+    model.load_state_dict(weights)
     model.eval()
     return model, meta

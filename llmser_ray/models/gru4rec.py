@@ -44,12 +44,13 @@ class GRU4Rec(SeqRecModel):
                           dropout=cfg.dropout if cfg.layers > 1 else 0.0)
         self.item_emb.apply(init_weights)
 
-    def forward(self, seqs: torch.Tensor) -> torch.Tensor:
+    def forward(self, seqs: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
         seqs = seqs[:, -self.max_len:]
         n = seqs.shape[1]
         lengths = (seqs > 0).sum(1)
         pad = n - lengths
-        x = _rotate(self.drop(self.item_emb(seqs)), pad)  # real items first, padding after
+        e = self.item_emb(seqs) if embeds is None else embeds[:, -n:]
+        x = _rotate(self.drop(e), pad)  # real items first, padding after
         # Empty rows run one padding step (packing rejects length 0); their outputs are zeroed.
         packed = pack_padded_sequence(x, lengths.clamp_min(1).cpu(), batch_first=True,
                                       enforce_sorted=False)

@@ -214,3 +214,49 @@ def reduce(sums: torch.Tensor, counts: torch.Tensor, reduction: Reduction,
         return per_user.mean()
     total = ((1 - weights) * sums + weights * aug_sums).sum()
     return total / ((1 - weights) * counts + weights * aug_counts).sum().clamp_min(1e-12)
+
+
+class Distillation:
+    """LLM-ESR's retrieval-augmented self-distillation, the auxiliary term of a training step:
+    ``alpha * MSE(h_u, mean_{v in N(u)} h_v .detach())`` over the batch's users that it applies to.
+
+    ``h_u`` is the state a step already computes at a user's last training position, so the term
+    costs no extra forward pass. ``N(u)`` are the ``k`` users whose history-title embeddings are
+    nearest to ``u``'s (stages/user_neighbours.py). The reference recomputes the neighbours'
+    states with the model in every step: ``k`` more sequences per user, about ``k / 3`` times
+    the step's cost. Here ``h_v`` is the state ``v`` had the last time it was in a batch
+    (a memory bank, at most one epoch old: every user is visited each epoch), which keeps the
+    epoch within the cost target; a neighbour not visited yet does not count, and a user with
+    none has no term. Under DDP each rank keeps its own bank from its own batches.
+
+    MSE is torch's mean over users and dimensions (the reference's ``nn.MSELoss``).
+    """
+
+    def __init__(self, neighbours: torch.Tensor, applies: torch.Tensor, alpha: float) -> None:
+        self.neighbours = neighbours.long()  # [U + 1, k] user ids, 0 = none
+        self.applies = applies.bool()  # [U + 1]: distil this user (tail users, or all)
+        self.alpha = alpha
+        self.bank: torch.Tensor | None = None
+        self.seen = torch.zeros(len(applies), dtype=torch.bool)
+
+    def loss(self, states: torch.Tensor, users: torch.Tensor) -> torch.Tensor | None:
+        """The term for ``states`` ``[U, D]`` of ``users`` ``[U]`` (None when it is zero: alpha 0
+        or nobody with a visited neighbour), then the bank learns these states."""
+        device = states.device
+        if self.bank is None:
+            self.bank = states.new_zeros(len(self.applies), states.shape[1])
+            self.seen = self.seen.to(device)
+            self.neighbours, self.applies = self.neighbours.to(device), self.applies.to(device)
+        users = users.to(device)
+        term = None
+        if self.alpha > 0:
+            nb = self.neighbours[users]
+            have = self.seen[nb] & (nb > 0)
+            use = self.applies[users] & have.any(1)
+            if use.any():
+                w = have[use].to(states.dtype).unsqueeze(-1)
+                target = (self.bank[nb[use]] * w).sum(1) / w.sum(1)
+                term = self.alpha * F.mse_loss(states[use], target.detach())
+        self.bank[users] = states.detach()
+        self.seen[users] = True
+        return term

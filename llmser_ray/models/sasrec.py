@@ -115,12 +115,13 @@ class SASRec(SeqRecModel):
         self.ln_f = nn.LayerNorm(d)
         self.apply(init_weights)
 
-    def forward(self, seqs: torch.Tensor) -> torch.Tensor:
+    def forward(self, seqs: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
         seqs = seqs[:, -self.max_len:]
         n = seqs.shape[1]
         keep = (seqs > 0).unsqueeze(-1)
         positions = torch.arange(self.max_len - n, self.max_len, device=seqs.device)
-        x = self.item_emb(seqs) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb(positions)
+        e = self.item_emb(seqs) if embeds is None else embeds[:, -n:]
+        x = e * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb(positions)
         x = self.drop(x) * keep
         mask = None if self.reference else attention_mask(seqs, causal=True)
         for block in self.blocks:

@@ -38,7 +38,8 @@ def _norm_title(title: str) -> str:
 
 
 def pick_model(cfg: Config) -> tuple[str, Path]:
-    """The model folder to serve: ``serve.model``, else ``<backbone>-llmser``, else ``<backbone>``."""
+    """The model folder to serve: ``serve.model``, else ``<backbone>-llmser``, else LLM-ESR's
+    ``<backbone>-llmesr`` or ``<backbone>-dualview``, else ``<backbone>``."""
     models = cfg.workdir_path / "models"
 
     def ok(name: str) -> bool:
@@ -50,7 +51,8 @@ def pick_model(cfg: Config) -> tuple[str, Path]:
             raise StageError(f"no trained model '{cfg.serve.model}' in {models}",
                              f"set serve.model to one of {have or '(none yet)'} or run `llmser-ray train`")
         return cfg.serve.model, models / cfg.serve.model
-    for name in (f"{cfg.model.backbone}-llmser", cfg.model.backbone):
+    b = cfg.model.backbone
+    for name in (f"{b}-llmser", f"{b}-llmesr", f"{b}-dualview", b):
         if ok(name):
             return name, models / name
     raise StageError(f"no trained {cfg.model.backbone} model in {models}",

@@ -38,17 +38,20 @@ from llmser_ray.io import atomic_dir, read_manifest, write_json
 from llmser_ray.models import build_model
 from llmser_ray.models.base import SeqRecModel
 from llmser_ray.models.batching import TrainBatch, by_length, training_batch
-from llmser_ray.models.losses import Objective
-from llmser_ray.stages.base import Stage, digest
+from llmser_ray.models.checkpoint import write_trained
+from llmser_ray.models.losses import Distillation, Objective
+from llmser_ray.stages.base import Stage, digest, needs
 from llmser_ray.stages.evaluate import evaluate_splits, split_groups
 from llmser_ray.stages.prepare import need_dataset
 
 SCHEMA_VERSION = 1
 STAGE = Stage(
     name="train", output="models/<name>", schema_version=SCHEMA_VERSION,
-    inputs=("prepare", "candidates", "select", "reliability"),
+    inputs=("prepare", "candidates", "select", "reliability", "embed", "user_neighbours"),
     identity=("model.*", "train.* except operational keys", "eval.*", "dataset digest",
-              "dual.* and the augmentation's digest (dual-channel only)"),
+              "dual.* and the augmentation's digest (dual-channel only)",
+              "semantic.* and the embeddings' digest (dual-view only)",
+              "distill.* and the neighbours' digest (self-distillation only)"),
     schema="docs/SCHEMA.md#models",
     summary="one backbone trained with Ray Train DDP, evaluated on the test split (metrics.json)")
 TRAIN_SECTIONS = ("model", "train", "eval")
@@ -103,6 +106,7 @@ class TrainingData:
     val_inputs: list[np.ndarray]
     val_targets: np.ndarray
     val_seen: list[np.ndarray]
+    users: np.ndarray | None = None  # user id (1-based) of each training sequence
 
     @classmethod
     def build(cls, cfg: Config, ds: SeqDataset) -> TrainingData:
@@ -127,7 +131,35 @@ class TrainingData:
         return cls([seqs[i] for i in keep],
                    None if aug_seqs is None else [aug_seqs[i] for i in keep],
                    None if weights is None else weights[keep],
-                   val_inputs, val_targets, val_seen)
+                   val_inputs, val_targets, val_seen, np.asarray(keep, dtype=np.int64) + 1)
+
+
+def semantic_table(cfg: Config, ds: SeqDataset) -> torch.Tensor | None:
+    """The dual view's item-text table ``[num_items + 1, dim]`` from the embed stage, checked
+    against the dataset and the config (``dualview.check_text_table``); None when
+    ``semantic.enabled`` is off. Read by the driver first, so a bad table fails there, in one
+    line, and not inside a Ray worker."""
+    if not cfg.semantic.enabled:
+        return None
+    from llmser_ray.models.dualview import check_text_table
+    from llmser_ray.text.embed import load_item_vectors
+
+    folder = cfg.workdir_path / "embeddings"
+    vectors = load_item_vectors(folder)
+    check_text_table(vectors, ds.num_items, cfg.model.hidden, cfg.semantic, str(folder))
+    return torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def distillation(cfg: Config, ds: SeqDataset) -> Distillation | None:
+    """LLM-ESR's self-distillation over the ``user_neighbours`` stage's output (None when off)."""
+    if not cfg.distill.enabled:
+        return None
+    from llmser_ray.stages.user_neighbours import load_neighbours
+
+    neighbours = load_neighbours(cfg, ds.num_users)
+    applies = np.concatenate([[False], np.ones(ds.num_users, dtype=bool)
+                              if cfg.distill.users == "all" else ds.is_tail_user.astype(bool)])
+    return Distillation(torch.from_numpy(neighbours), torch.from_numpy(applies), cfg.distill.alpha)
 
 
 class LossModule(torch.nn.Module):
@@ -149,23 +181,30 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, seqs: torch.Tensor, objective: Objective,
-                generator: torch.Generator | None) -> torch.Tensor:
-        """Loss sum and target count ``[B, 2]`` of each row of ``seqs`` (``Objective.per_sequence``).
+    def forward(self, seqs: torch.Tensor, objective: Objective, generator: torch.Generator | None,
+                with_states: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Loss sum and target count ``[B, 2]`` of each row of ``seqs`` (``Objective.per_sequence``),
+        and with ``with_states`` each row's hidden state at its last position ``[B, D]`` too
+        (what LLM-ESR's self-distillation pulls towards the neighbours'; no extra forward).
 
         Per length bucket, narrowest first: the training task (BERT4Rec draws its Cloze mask
         from ``generator`` here), the hidden states, the losses (sampled negatives are drawn
         here too). That order fixes which draw lands where, so a seed fixes the losses
-        (``tests/test_training_step.py`` pins them).
+        (``tests/test_training_step.py`` pins them). A model whose item table is computed
+        (``table_once``: the dual view's adapter) computes it once for all buckets.
         """
         model = self.model
+        table = model.item_embeddings() if model.table_once else None
 
         def per_sequence(sub: torch.Tensor) -> torch.Tensor:
             inputs, targets, valid = model.training_task(sub, generator)
             h = model(inputs)
-            return objective.per_sequence(h, model.item_embeddings(), targets, valid, generator)
+            items = table if table is not None else model.item_embeddings()
+            stats = objective.per_sequence(h, items, targets, valid, generator)
+            return torch.cat([stats, h[:, -1]], dim=1) if with_states else stats
 
-        return by_length(per_sequence, seqs, 2) if model.bucket_by_length else per_sequence(seqs)
+        out = by_length(per_sequence, seqs, 2) if model.bucket_by_length else per_sequence(seqs)
+        return (out[:, :2], out[:, 2:]) if with_states else out
 
 
 def _shard(n: int, rank: int, world: int, rng: np.random.Generator) -> np.ndarray:
@@ -192,16 +231,30 @@ def _gather_ranks(local: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def step_loss(wrapped: torch.nn.Module, batch: TrainBatch, objective: Objective,
+              gen: torch.Generator | None, distill: Distillation | None = None) -> torch.Tensor:
+    """The loss a step backpropagates: ``Objective.batch_loss`` of the rows' losses, plus
+    LLM-ESR's self-distillation term on the original rows' last states when ``distill`` is given
+    (and nonzero: alpha 0 adds nothing, so the loss is exactly the plain one)."""
+    if distill is None:
+        stats = wrapped(batch.seqs, objective, gen)  # [rows, 2]: hidden states -> per-sequence losses
+        return objective.batch_loss(stats, batch.aug_users, batch.aug_weights)
+    stats, states = wrapped(batch.seqs, objective, gen, True)
+    loss = objective.batch_loss(stats, batch.aug_users, batch.aug_weights)
+    term = distill.loss(states[:len(batch.users)], batch.users)
+    return loss if term is None else loss + term
+
+
 def train_step(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, batch: TrainBatch,
-               objective: Objective, gen: torch.Generator | None) -> float:
+               objective: Objective, gen: torch.Generator | None,
+               distill: Distillation | None = None) -> float:
     """One optimizer step on ``batch``; returns its loss.
 
     ``wrapped`` is ``LossModule(model)``, possibly inside DDP: its forward gives each row's loss
     sum and target count, ``Objective.batch_loss`` reduces them (and weighs the dual channels)
-    into the loss, whose backward DDP all-reduces before the step.
+    into the loss, whose backward DDP all-reduces before the step (``step_loss``).
     """
-    stats = wrapped(batch.seqs, objective, gen)  # [rows, 2]: hidden states -> per-sequence losses
-    loss = objective.batch_loss(stats, batch.aug_users, batch.aug_weights)
+    loss = step_loss(wrapped, batch, objective, gen, distill)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -223,19 +276,22 @@ def batch_loss(wrapped: torch.nn.Module, idx: np.ndarray, train_seqs: list[np.nd
 def train_epoch(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, train_seqs: list[np.ndarray],
                 order: np.ndarray, cfg: Config, device: torch.device | str,
                 gen: torch.Generator | None, aug_seqs: list[np.ndarray] | None = None,
-                weights: np.ndarray | None = None) -> float:
+                weights: np.ndarray | None = None, users: np.ndarray | None = None,
+                distill: Distillation | None = None) -> float:
     """One pass over ``order``, ``train.batch_size`` users a step; shared by the Ray worker loop
     and the plain-PyTorch benchmarks. Returns the mean step loss.
 
-    With ``aug_seqs`` and ``weights`` (indexed like ``train_seqs``) it is a dual-channel epoch.
+    With ``aug_seqs`` and ``weights`` (indexed like ``train_seqs``) it is a dual-channel epoch;
+    with ``distill`` and ``users`` (the sequences' user ids) it adds LLM-ESR's self-distillation.
     """
     objective = Objective.from_config(cfg.train)
     wrapped.train()
     losses = []
     for start in range(0, len(order), cfg.train.batch_size):
         idx = order[start:start + cfg.train.batch_size]
-        batch = training_batch(idx, train_seqs, cfg.model.max_len, aug_seqs, weights).to(device)
-        losses.append(train_step(wrapped, opt, batch, objective, gen))
+        batch = training_batch(idx, train_seqs, cfg.model.max_len, aug_seqs, weights,
+                               users).to(device)
+        losses.append(train_step(wrapped, opt, batch, objective, gen, distill))
     return sum(losses) / max(len(losses), 1)
 
 
@@ -279,7 +335,8 @@ def _train_loop(loop_cfg: dict[str, Any]) -> None:
     val_inputs, val_targets, val_seen = data.val_inputs, data.val_targets, data.val_seen
     groups = split_groups(ds, val_targets)
 
-    model = build_model(cfg.model, ds.num_items)
+    model = build_model(cfg.model, ds.num_items, cfg.semantic, semantic_table(cfg, ds))
+    distill = distillation(cfg, ds)
     wrapped = ray.train.torch.prepare_model(LossModule(model))
     device = ray.train.torch.get_device()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
@@ -306,7 +363,8 @@ def _train_loop(loop_cfg: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         gen.manual_seed(cfg.train.seed * 100_003 + epoch * 101 + rank)
         order = _shard(len(train_seqs), rank, world, np.random.default_rng(cfg.train.seed + epoch))
-        mean_loss = train_epoch(wrapped, opt, train_seqs, order, cfg, device, gen, aug_seqs, weights)
+        mean_loss = train_epoch(wrapped, opt, train_seqs, order, cfg, device, gen, aug_seqs, weights,
+                                data.users, distill)
         train_s = time.perf_counter() - t0
 
         # Validation on this rank's slice of the users, gathered to every rank.
@@ -376,12 +434,17 @@ def model_dir(cfg: Config, name: str) -> Path:
 
 def default_name(cfg: Config) -> str:
     """``sasrec`` (plain = the baseline), ``sasrec-reverse`` (candidate generator),
-    ``sasrec-llmser`` (dual-channel LLMSeR), ``sasrec-candidates`` (dual-channel, no LLM)."""
+    ``sasrec-llmser`` (dual-channel LLMSeR), ``sasrec-candidates`` (dual-channel, no LLM); LLM-ESR
+    adds ``-dualview`` (semantic only), ``-distill`` (distillation only) or ``-llmesr`` (both)."""
     if cfg.train.reverse:
         return f"{cfg.model.backbone}-reverse"
+    name = cfg.model.backbone
     if cfg.dual.enabled:
-        return f"{cfg.model.backbone}-{'llmser' if cfg.dual.pseudo_source == 'llm' else 'candidates'}"
-    return cfg.model.backbone
+        name += f"-{'llmser' if cfg.dual.pseudo_source == 'llm' else 'candidates'}"
+    if cfg.semantic.enabled or cfg.distill.enabled:
+        name += ("-llmesr" if cfg.semantic.enabled and cfg.distill.enabled
+                 else "-dualview" if cfg.semantic.enabled else "-distill")
+    return name
 
 
 def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
@@ -390,7 +453,15 @@ def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
     payload = {s: getattr(cfg, s).model_dump(mode="json") for s in TRAIN_SECTIONS}
     for op in OPERATIONAL_TRAIN_KEYS:  # how it runs, not what it learns: changing them resumes
         payload["train"].pop(op, None)
+    # LLM-ESR's sections enter the identity only when on, so existing models keep their keys.
+    for section in ("semantic", "distill"):
+        if getattr(cfg, section).enabled:
+            payload[section] = getattr(cfg, section).model_dump(mode="json")
     key = f"{digest(payload)}-{dataset_manifest.get('config_digest', 'na')[:8]}"
+    for section, folder in (("semantic", "embeddings"), ("distill", "user_neighbours")):
+        if getattr(cfg, section).enabled:  # new vectors or neighbours retrain
+            upstream = read_manifest(cfg.workdir_path / folder) or {}
+            key += f"-{str(upstream.get('config_digest', 'na'))[:8]}"
     if cfg.dual.enabled:
         from llmser_ray.augment.weights import augmentation_dir
 
@@ -440,6 +511,17 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
         from llmser_ray.augment.weights import load_augmentation
 
         load_augmentation(cfg, ds)
+    if cfg.semantic.enabled:  # LLM-ESR's dual view reads the embed stage's item table
+        from llmser_ray.stages.embed import embed_current, embed_items
+
+        needs("train", "embed", lambda: embed_current(cfg), lambda: embed_items(cfg))
+        semantic_table(cfg, ds)
+    if cfg.distill.enabled:  # and its self-distillation the users' neighbours
+        from llmser_ray.stages.user_neighbours import neighbours_current, user_neighbours
+
+        needs("train", "user_neighbours", lambda: neighbours_current(cfg),
+              lambda: user_neighbours(cfg))
+        distillation(cfg, ds)
     out = out_dir or model_dir(cfg, name)
     key = _run_key(cfg, ds.manifest)
     metrics = None if force else _finished(out, key)
@@ -474,7 +556,7 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
     with result.checkpoint.as_directory() as d:
         state = json.loads(Path(d, "state.json").read_text())
         best_state = load_file(os.path.join(d, "best.safetensors"))
-    model = build_model(cfg.model, ds.num_items)
+    model = build_model(cfg.model, ds.num_items, cfg.semantic, semantic_table(cfg, ds), init=False)
     model.load_state_dict(best_state)
     model.eval()
     best_epoch = int(state["best_epoch"])
@@ -493,13 +575,13 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
     # the old one goes first and a kill in between leaves a folder read as unfinished.
     (out / "manifest.json").unlink(missing_ok=True)
     with atomic_dir(out / "best") as tmp:
-        save_file({k: v.contiguous() for k, v in best_state.items()},
-                  str(tmp / "model.safetensors"))
-        write_json(tmp / "model.json", {"model": cfg.model.model_dump(mode="json"),
+        write_trained(tmp, best_state, {"model": cfg.model.model_dump(mode="json"),
                                         "num_items": ds.num_items, "epoch": best_epoch,
                                         "reverse": cfg.train.reverse,
                                         "dual": (cfg.dual.model_dump(mode="json")
-                                                 if cfg.dual.enabled else None)})
+                                                 if cfg.dual.enabled else None),
+                                        "semantic": (cfg.semantic.model_dump(mode="json")
+                                                     if cfg.semantic.enabled else None)})
     write_json(out / "metrics.json", metrics)
     STAGE.seal(out, key, key_field="run_key", status="complete", dataset=str(dataset_dir),
                dataset_digest=ds.manifest.get("config_digest"))

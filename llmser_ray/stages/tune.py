@@ -99,7 +99,8 @@ def check_search(cfg: Config) -> None:
                 raise ConfigError(f"tune.search: unknown key '{key}'",
                                   "search keys are dotted config keys, e.g. dual.num_pseudo or train.lr")
             node = node[part]
-        if key.startswith(("data.", "augment.", "llm.", "embed.", "faiss.", "tune.", "ray.", "serve.")):
+        if key.startswith(("data.", "augment.", "llm.", "embed.", "faiss.", "tune.", "ray.", "serve.",
+                           "distill.retrieve", "distill.max_titles", "semantic.source")):
             raise ConfigError(f"tune.search: '{key}' would change a cached upstream stage",
                               "search only training-time keys (dual.*, train.*, model.*)")
     if cfg.tune.target == "backbone":
@@ -146,9 +147,16 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     return Config.model_validate(tree)
 
 
+def llmesr_sections(cfg: Config) -> list[str]:
+    """LLM-ESR's sections a search uses: enabled in the base config or searched."""
+    return [s for s in ("semantic", "distill")
+            if getattr(cfg, s).enabled or any(k.startswith(f"{s}.") for k in cfg.tune.search)]
+
+
 def experiment_name(cfg: Config) -> str:
     payload = {s: cfg.model_dump(mode="json")[s] for s in ("data", "model", "train", "eval", "augment",
-                                                            "llm", "dual", "tune")}
+                                                            "llm", "dual", "tune",
+                                                            *llmesr_sections(cfg))}
     payload["tune"].pop("max_concurrent_trials", None)  # resources, not the experiment's identity
     return f"{cfg.tune.name}-{digest(payload)[:10]}"
 
@@ -211,6 +219,15 @@ def tune(cfg: Config, fresh: bool = False) -> TuneOutcome:
 
         prepare(cfg)
         up = {}
+    # LLM-ESR's inputs once, here: trials running at once must not all produce them.
+    if "semantic" in llmesr_sections(cfg):
+        from llmser_ray.stages.embed import embed_items
+
+        embed_items(cfg)
+    if "distill" in llmesr_sections(cfg):
+        from llmser_ray.stages.user_neighbours import user_neighbours
+
+        user_neighbours(cfg)
     name = experiment_name(cfg)
     storage = ray_storage(cfg, "tune")
     path = f"{storage.rstrip('/')}/{name}"

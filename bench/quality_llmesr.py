@@ -1,0 +1,96 @@
+"""Collect LLM-ESR's quality runs into one JSON shaped like docs/ablation_beauty_3seeds.json:
+``runs`` (each run's test metrics by protocol and group), ``mean`` (mean and sample sd over seeds
+of NDCG@10 / HR@10 per arm and group) and, where two arms both have two seeds or more, Welch's t
+of NDCG@10 against the baseline.
+
+    python bench/quality_llmesr.py --out docs/llmesr_beauty_3seeds.json \\
+        --run baseline-s42=docs/quality_beauty.json#sasrec/42 \\
+        --run dualview-s42=/work/runs19/beauty/models/sasrec-dualview-s42 ...
+
+A ``--run`` is a model folder (its metrics.json), the JSON of bench/eval_partial.py (an
+unfinished run, marked so) or ``FILE#arm/seed``, the per-seed test metrics
+stored in a quality JSON of bench/quality_backbones.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+GROUPS = ("overall", "tail_user", "head_user", "tail_item", "head_item")
+METRICS = ("ndcg@10", "hr@10")
+
+
+def load_run(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Test metrics (protocol -> group -> metric) and a little about the run."""
+    if "#" in spec:
+        path, where = spec.split("#", 1)
+        arm, seed = where.split("/")
+        doc = json.loads(Path(path).read_text())
+        entry = doc["backbones"][arm]
+        runs = entry.get("runs") or entry.get("seeds") or entry
+        run = runs[seed] if isinstance(runs, dict) else runs[int(seed)]
+        return run["test"], {"source": spec, "best_epoch": run.get("best_epoch"),
+                             "epochs_run": run.get("epochs_run")}
+    if spec.endswith(".json"):  # bench/eval_partial.py: an unfinished run's best weights
+        p = json.loads(Path(spec).read_text())
+        return p["test"], {"source": spec, "UNFINISHED_stopped_at_epoch": p["stopped_at"],
+                           "best_epoch": p["best_epoch"], "best_valid_ndcg@10": p["best_valid"],
+                           "median_train_s": statistics.median(h["train_s"] for h in p["history"]),
+                           "median_epoch_s": statistics.median(h["epoch_s"] for h in p["history"])}
+    m = json.loads((Path(spec) / "metrics.json").read_text())
+    hist = m["history"]
+    return m["test"], {"source": spec, "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"],
+                       "median_train_s": statistics.median(h["train_s"] for h in hist),
+                       "median_epoch_s": statistics.median(h["epoch_s"] for h in hist)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", action="append", required=True, help="NAME-sSEED=folder or FILE#arm/seed")
+    ap.add_argument("--settings", default="{}", help="JSON merged into 'settings'")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    runs, info = {}, {}
+    for spec in args.run:
+        name, src = spec.split("=", 1)
+        runs[name], info[name] = load_run(src)
+    arms: dict[str, list[str]] = {}
+    for name in runs:
+        arms.setdefault(name.rsplit("-s", 1)[0], []).append(name)
+    mean: dict[str, Any] = {}
+    for protocol in ("full", "sampled"):
+        mean[protocol] = {}
+        for arm, names in arms.items():
+            mean[protocol][arm] = {}
+            for g in GROUPS:
+                mean[protocol][arm][g] = {}
+                for k in METRICS:
+                    vals = [runs[n][protocol][g][k] for n in names]
+                    sd = statistics.stdev(vals) if len(vals) > 1 else None
+                    mean[protocol][arm][g][k] = [statistics.fmean(vals), sd]
+    welch: dict[str, Any] = {}
+    base = arms.get("baseline", [])
+    for protocol in ("full", "sampled"):
+        welch[protocol] = {}
+        for arm, names in arms.items():
+            if arm == "baseline" or len(names) < 2 or len(base) < 2:
+                continue
+            welch[protocol][arm] = {}
+            for g in GROUPS:
+                a = [runs[n][protocol][g]["ndcg@10"] for n in names]
+                b = [runs[n][protocol][g]["ndcg@10"] for n in base]
+                se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+                welch[protocol][arm][g] = (statistics.fmean(a) - statistics.fmean(b)) / se if se else None
+    out = {"settings": json.loads(args.settings), "run_info": info, "runs": runs, "mean": mean,
+           "welch_t_ndcg@10": welch}
+    Path(args.out).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    print(json.dumps(mean["full"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
