@@ -49,10 +49,15 @@ def test_prepare_missing_file_leaves_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "w" / "dataset").exists()
 
 
-def test_train_without_dataset_says_run_prepare(tmp_path: Path) -> None:
-    res = runner.invoke(app, ["train", "-w", str(tmp_path / "empty")])
-    assert res.exit_code == 2
-    assert "prepare" in res.output
+def test_train_without_dataset_prepares_first_and_says_so(tmp_path: Path) -> None:
+    """The one upstream rule: a workdir without a dataset gets one prepared first, announced on
+    the console; prepare's own bad input is then the one-line error (exit 2, no traceback)."""
+    res = runner.invoke(app, ["train", "-w", str(tmp_path / "empty"), "--set", "data.source=s3rec",
+                              "--set", f"data.path={tmp_path / 'missing.txt'}"])
+    assert res.exit_code == 2, res.output
+    assert "[train] needs prepare" in res.output and "file not found" in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "empty" / "dataset").exists()
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
