@@ -263,3 +263,38 @@ def test_a_killed_fine_tuning_resumes_from_its_checkpoint(tmp_path: Path) -> Non
     assert "resumed after step 2" in log, log[-3000:]
     metrics = json.loads((tmp_path / "tslrec" / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == list(range(1, 7))
+
+
+def test_backbone_item_table_initialised_from_llm_vectors() -> None:
+    import torch
+
+    from llmser_ray.config import ModelConfig
+    from llmser_ray.models import build_model
+    from llmser_ray.models.item_init import init_item_table, project
+
+    rng = np.random.default_rng(0)
+    vectors = np.concatenate([np.zeros((1, 48)), rng.normal(size=(30, 48))]).astype(np.float32)
+    z = project(vectors, 8, 0.5)
+    assert z.shape == (31, 8) and not z[0].any() and abs(z[1:].std() - 0.5) < 1e-3
+    # Principal components: the first carries the most variance.
+    assert z[1:, 0].var() >= z[1:, 1].var() >= z[1:, 7].var()
+    model = build_model(ModelConfig(hidden=8, max_len=5), 30)
+    std = float(model.item_emb.weight.detach()[1:31].std())
+    init_item_table(model, vectors)
+    table = model.item_emb.weight.detach()
+    assert torch.allclose(table[:31], torch.as_tensor(project(vectors, 8, std)), atol=1e-5)
+    from llmser_ray.errors import StageError
+
+    with pytest.raises(StageError, match="items"):
+        init_item_table(model, vectors[:10])
+
+
+def test_init_backbone_is_a_separate_model_and_run_key_and_pretrain_stays_plain(tmp_path: Path) -> None:
+    from llmser_ray.stages.pretrain import plain_config
+    from llmser_ray.stages.train import _run_key, default_name
+
+    cfg = load_config(None, [f"workdir={tmp_path}", "tslrec.init_backbone=true"])
+    plain = load_config(None, [f"workdir={tmp_path}"])
+    assert default_name(cfg) == "sasrec-tslrec" and default_name(plain) == "sasrec"
+    assert _run_key(cfg, {}) != _run_key(plain, {})
+    assert _run_key(plain_config(cfg, reverse=False), {}) == _run_key(plain_config(plain, False), {})

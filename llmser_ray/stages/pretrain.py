@@ -30,10 +30,12 @@ class PretrainResult:
 
 
 def plain_config(cfg: Config, reverse: bool) -> Config:
-    """The config of a pretrained model: no augmentation, forward or reverse."""
+    """The config of a pretrained model: no augmentation, no TSLRec initialisation (TSLRec's
+    categories come from the forward model), forward or reverse."""
     return cfg.model_copy(update={
         "train": cfg.train.model_copy(update={"reverse": reverse}),
         "dual": cfg.dual.model_copy(update={"enabled": False}),
+        "tslrec": cfg.tslrec.model_copy(update={"init_backbone": False}),
     })
 
 

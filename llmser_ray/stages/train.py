@@ -280,6 +280,12 @@ def _train_loop(loop_cfg: dict[str, Any]) -> None:
     groups = split_groups(ds, val_targets)
 
     model = build_model(cfg.model, ds.num_items)
+    if loop_cfg.get("item_vectors"):  # tslrec.init_backbone (a resumed run loads its own weights below)
+        from safetensors.numpy import load_file as load_numpy
+
+        from llmser_ray.models.item_init import init_item_table
+
+        init_item_table(model, load_numpy(loop_cfg["item_vectors"])["vectors"])
     wrapped = ray.train.torch.prepare_model(LossModule(model))
     device = ray.train.torch.get_device()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
@@ -379,9 +385,10 @@ def default_name(cfg: Config) -> str:
     ``sasrec-llmser`` (dual-channel LLMSeR), ``sasrec-candidates`` (dual-channel, no LLM)."""
     if cfg.train.reverse:
         return f"{cfg.model.backbone}-reverse"
+    tslrec = "-tslrec" if cfg.tslrec.init_backbone else ""  # item table initialised by TSLRec
     if cfg.dual.enabled:
-        return f"{cfg.model.backbone}-{'llmser' if cfg.dual.pseudo_source == 'llm' else 'candidates'}"
-    return cfg.model.backbone
+        return f"{cfg.model.backbone}-{'llmser' if cfg.dual.pseudo_source == 'llm' else 'candidates'}{tslrec}"
+    return cfg.model.backbone + tslrec
 
 
 def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
@@ -396,6 +403,11 @@ def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
 
         aug = read_manifest(augmentation_dir(cfg)) or {}
         key += f"-{cfg.digest('dual')[:8]}-{str(aug.get('config_digest', 'na'))[:8]}"
+    if cfg.tslrec.init_backbone:  # only then: every other run key stays what it was
+        from llmser_ray.stages.tslrec_embed import STAGE as TSLREC_EMBED
+
+        emb = read_manifest(TSLREC_EMBED.folder(cfg.workdir_path)) or {}
+        key += f"-tslrec-{str(emb.get('config_digest', 'na'))[:8]}"
     return key
 
 
@@ -440,6 +452,15 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
         from llmser_ray.augment.weights import load_augmentation
 
         load_augmentation(cfg, ds)
+    item_vectors = None
+    if cfg.tslrec.init_backbone:  # as the augmentation: read from disk, never produced inside a trial
+        from llmser_ray.stages.tslrec_embed import STAGE as TSLREC_EMBED
+        from llmser_ray.stages.tslrec_embed import VECTORS_FILE
+
+        item_vectors = TSLREC_EMBED.folder(cfg.workdir_path) / VECTORS_FILE
+        if not item_vectors.is_file():
+            raise StageError(f"tslrec.init_backbone needs the TSLRec item embeddings ({item_vectors})",
+                             "run `llmser-ray tslrec-embed` with the same --workdir first")
     out = out_dir or model_dir(cfg, name)
     key = _run_key(cfg, ds.manifest)
     metrics = None if force else _finished(out, key)
@@ -453,7 +474,8 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
         clear_run(storage_uri, run_name)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "dataset_dir": str(dataset_dir)},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "dataset_dir": str(dataset_dir),
+                           "item_vectors": str(item_vectors) if item_vectors else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker,
