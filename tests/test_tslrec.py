@@ -120,6 +120,15 @@ def test_bad_input_gets_one_clear_line(tmp_path: Path) -> None:
         resolve_tslrec_model(load_config(None, [f"tslrec.model={folder}"]))
     with pytest.raises(ConfigError, match="not a model folder"):
         resolve_tslrec_model(load_config(None, [f"tslrec.model={tmp_path / 'absent'}"]))
+    # The command: exit code 2, one line naming the problem and the fix, nothing written.
+    from typer.testing import CliRunner
+
+    from llmser_ray.cli import app
+
+    res = CliRunner().invoke(app, ["tslrec-tune", "-w", str(tmp_path / "w"),
+                                   "--set", f"tslrec.model={folder}"])
+    assert res.exit_code == 2 and "holds no weights" in res.output and "Fix:" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "w" / "tslrec").exists()
     with pytest.raises(ConfigError, match="n_categories"):
         load_config(None, ["tslrec.n_categories=60"])
 

@@ -323,8 +323,8 @@ def tslrec_tune(cfg: Config, force: bool = False) -> TuneResult:
     from llmser_ray.stages.train import clear_run, ray_storage
 
     t0 = time.perf_counter()
+    model_dir = resolve_tslrec_model(cfg)  # a bad model folder fails here, before anything runs
     need_dataset(cfg, STAGE.name)
-    model_dir = resolve_tslrec_model(cfg)  # a bad model folder fails here, before any training
     dataset_dir = cfg.workdir_path / "dataset"
     ds = load_dataset(dataset_dir)
     from llmser_ray.llm.lora import item_texts
