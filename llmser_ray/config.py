@@ -354,14 +354,15 @@ class TSLRecConfig(_Strict):
     # without any text is an error), "ids" its id plus whatever attributes exist (no-text data).
     item_text: Literal["auto", "ids"] = "auto"
     # The most recent training items shown in a user prompt, and the characters kept per title.
-    prompt_history: int = Field(20, ge=1, le=500)
-    title_chars: int = Field(80, ge=8, le=2000)
+    prompt_history: int = Field(10, ge=1, le=500)
+    title_chars: int = Field(60, ge=8, le=2000)
     max_prompt_tokens: int = Field(768, ge=32, le=32768)
     # Users fine-tuned on (a seeded sample; None = all not held out) and held-out users/items
-    # the base and tuned models are scored on.
+    # the base and tuned models are scored on. The defaults are sized for a 2-core CPU machine
+    # (docs/TSLREC.md: about 200 tokens/s there); tune_configs/tslrec_gpu.yaml sizes a GPU node.
     max_users: int | None = Field(512, ge=1)
-    eval_users: int = Field(128, ge=1)
-    eval_items: int = Field(128, ge=1)
+    eval_users: int = Field(64, ge=1)
+    eval_items: int = Field(64, ge=1)
     # LoRA.
     lora_r: int = Field(8, ge=1, le=1024)
     lora_alpha: float = Field(16.0, gt=0)
@@ -371,11 +372,11 @@ class TSLRecConfig(_Strict):
     # item prompts (the item-category task, weighted by item_loss_weight).
     lr: float = Field(1e-3, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
-    steps: int = Field(60, ge=1)
-    batch_size: int = Field(8, ge=1)
-    item_batch_size: int = Field(8, ge=0)
+    steps: int = Field(40, ge=1)
+    batch_size: int = Field(4, ge=1)
+    item_batch_size: int = Field(4, ge=0)
     item_loss_weight: float = Field(1.0, ge=0)
-    checkpoint_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
     # Weights during fine-tuning and embedding: float32 on CPU; bfloat16 for GPUs.
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Stage 2: which hidden layer (-1 = last) and how a prompt's token states become one vector.
