@@ -149,6 +149,42 @@ def embed(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = N
                f"(model={res.model} dim={res.dim}, {res.seconds:.1f}s)")
 
 
+@app.command("tslrec-tune")
+@_user_errors
+def tslrec_tune_cmd(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
+                    address: AddressOpt = None, force: ForceOpt = False) -> None:
+    """TSLRec stage 1: LoRA fine-tuning of tslrec.model to reconstruct users' latent-category
+    preferences (Ray Train); resumes an interrupted run; prints base vs tuned on held-out users."""
+    from llmser_ray.stages.tslrec_tune import tslrec_tune
+
+    cfg = _config(config, set_, workdir, address)
+    with workdir_lock(cfg.workdir_path):
+        res = tslrec_tune(cfg, force=force)
+    m = res.metrics
+    typer.echo(f"adapter {'up to date' if res.skipped else 'written'}: {res.path / 'adapter'}")
+    for which in ("base", "tuned"):
+        r = m[which]
+        typer.echo(f"{which:5s} held-out users={r['users']} CE={r['user_ce']:.4f} KL={r['user_kl']:.4f} "
+                   f"top1={r['top1_match']:.3f} | items={r['items']} CE={r['item_ce']:.4f} "
+                   f"accuracy={r['item_accuracy']:.3f}")
+    typer.echo(f"{m['steps']} steps, {m['samples_per_s']:.2f} samples/s; "
+               f"metrics: {res.path / 'metrics.json'}")
+
+
+@app.command("tslrec-embed")
+@_user_errors
+def tslrec_embed_cmd(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
+                     address: AddressOpt = None, force: ForceOpt = False) -> None:
+    """TSLRec stage 2: one item vector per item from the tuned LLM's hidden states (Ray Data)."""
+    from llmser_ray.stages.tslrec_embed import tslrec_embed
+
+    cfg = _config(config, set_, workdir, address)
+    with workdir_lock(cfg.workdir_path):
+        res = tslrec_embed(cfg, force=force)
+    typer.echo(f"LLM item embeddings {'up to date' if res.skipped else 'written'}: {res.path} "
+               f"(items={res.items} dim={res.dim}, {res.items_per_s:.1f} items/s)")
+
+
 @app.command()
 @_user_errors
 def neighbours(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,

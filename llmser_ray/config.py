@@ -381,6 +381,74 @@ class DistillConfig(_Strict):
         return self
 
 
+class TSLRecConfig(_Strict):
+    """TSLRec (Liu et al. 2024, docs/TSLREC.md): stage ``tslrec_tune`` (LoRA fine-tuning of an LLM to
+    reconstruct a user's preference over latent categories) and ``tslrec_embed`` (item vectors
+    from the tuned LLM's hidden states).
+
+    Every key but the operational ones (workers, CPUs, GPU, threads, batch sizes of inference,
+    actor counts) is part of the stages' identity.
+    """
+
+    # Run both TSLRec stages within `run` and `tune` (before the other upstream stages).
+    enabled: bool = False
+    # Initialise the item table of every backbone `train` builds from the TSLRec item vectors
+    # (projected to model.hidden by PCA, scaled like the default init); part of train's run key.
+    init_backbone: bool = False
+    # The LLM to fine-tune: "smollm2-135m" (the bundled GGUF, converted once into
+    # llm.model_cache) or a local Hugging Face folder (config.json + safetensors weights).
+    model: str = "smollm2-135m"
+    # Latent categories: k-means over the forward model's item embeddings. Each category is one
+    # single-token label (" A".." Z", " a".." z"), hence at most 52.
+    n_categories: int = Field(20, ge=2, le=52)
+    kmeans_iters: int = Field(25, ge=1, le=1000)
+    seed: int = 0
+    # What a prompt shows of an item: "auto" its text (title, else attributes; an item table
+    # without any text is an error), "ids" its id plus whatever attributes exist (no-text data).
+    item_text: Literal["auto", "ids"] = "auto"
+    # The most recent training items shown in a user prompt, and the characters kept per title.
+    prompt_history: int = Field(10, ge=1, le=500)
+    title_chars: int = Field(60, ge=8, le=2000)
+    max_prompt_tokens: int = Field(768, ge=32, le=32768)
+    # Users fine-tuned on (a seeded sample; None = all not held out) and held-out users/items
+    # the base and tuned models are scored on. The defaults are sized for a 2-core CPU machine
+    # (docs/TSLREC.md: about 200 tokens/s there); tune_configs/tslrec_gpu.yaml sizes a GPU node.
+    max_users: int | None = Field(512, ge=1)
+    eval_users: int = Field(64, ge=1)
+    eval_items: int = Field(64, ge=1)
+    # LoRA.
+    lora_r: int = Field(8, ge=1, le=1024)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Optimisation: `steps` optimizer steps of `batch_size` user prompts plus `item_batch_size`
+    # item prompts (the item-category task, weighted by item_loss_weight).
+    lr: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    steps: int = Field(40, ge=1)
+    batch_size: int = Field(4, ge=1)
+    item_batch_size: int = Field(4, ge=0)
+    item_loss_weight: float = Field(1.0, ge=0)
+    checkpoint_every: int = Field(10, ge=1)
+    # Weights during fine-tuning and embedding: float32 on CPU; bfloat16 for GPUs.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Stage 2: which hidden layer (-1 = last) and how a prompt's token states become one vector.
+    embed_layer: int = -1
+    pooling: Literal["last", "mean"] = "last"
+    # Operational (not hashed): Ray Train workers, Ray Data actors, batch sizes of inference.
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    torch_threads: int = Field(1, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    eval_batch_size: int = Field(16, ge=1)
+    embed_batch_size: int = Field(32, ge=1)
+    embed_actors: int = Field(1, ge=1)
+    embed_cpus: float = Field(1.0, gt=0)
+    embed_gpus: float = Field(0.0, ge=0)
+
+
 class SearchSpec(_Strict):
     """One searched key: exactly one of grid / choice / uniform / loguniform / randint."""
 
@@ -495,6 +563,7 @@ class Config(_Strict):
     dual: DualConfig = DualConfig()
     semantic: SemanticConfig = SemanticConfig()
     distill: DistillConfig = DistillConfig()
+    tslrec: TSLRecConfig = TSLRecConfig()
     tune: TuneConfig = TuneConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()

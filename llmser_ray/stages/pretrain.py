@@ -31,13 +31,15 @@ class PretrainResult:
 
 def plain_config(cfg: Config, reverse: bool) -> Config:
     """The config of a pretrained model: the plain backbone, forward or reverse: no
-    augmentation, and none of LLM-ESR's parts (so LLMSeR's candidate and ARV stages, which read
-    these models, stay cached whatever the final model's semantic/distill settings are)."""
+    augmentation, none of LLM-ESR's parts and no TSLRec initialisation (so LLMSeR's candidate and
+    ARV stages and TSLRec's categories, which read these models, stay cached whatever the final
+    model's semantic/distill/tslrec settings are)."""
     return cfg.model_copy(update={
         "train": cfg.train.model_copy(update={"reverse": reverse}),
         "dual": cfg.dual.model_copy(update={"enabled": False}),
         "semantic": cfg.semantic.model_copy(update={"enabled": False}),
         "distill": cfg.distill.model_copy(update={"enabled": False}),
+        "tslrec": cfg.tslrec.model_copy(update={"init_backbone": False}),
     })
 
 

@@ -1,6 +1,7 @@
 """The whole pipeline (``llmser-ray run``): every stage in order; each skips itself when current.
 
-prepare -> pretrain (forward = baseline, reverse = candidate generator) -> [embed] -> augment
+prepare -> pretrain (forward = baseline, reverse = candidate generator) -> [tslrec_tune ->
+tslrec_embed, with ``tslrec.enabled``] -> [embed] -> augment
 (CCG, then SIA's LLM selection) -> reliability (ARV) -> dual-channel train -> comparison with the
 baseline. With ``dual.pseudo_source=candidates`` the LLM stages are skipped (the no-LLM
 ablation). ``upstream`` is shared with ``tune``, which runs it once before its trials.
@@ -34,6 +35,12 @@ def upstream(cfg: Config, console: Console | None = None) -> dict[str, Any]:
     console.rule(f"pretrain {cfg.model.backbone}: forward (baseline) and reverse (candidates)")
     pre = pretrain(cfg)
     print_metrics(pre.forward, cfg, console)
+    if cfg.tslrec.enabled:
+        from llmser_ray.stages.tslrec_embed import tslrec_embed
+
+        console.rule("TSLRec: LoRA information reconstruction, then LLM item embeddings")
+        emb = tslrec_embed(cfg)  # runs tslrec_tune first when it is missing or stale
+        console.print(f"LLM item embeddings: {emb.path} ({emb.items} items, dim {emb.dim})")
     llm = cfg.dual.pseudo_source == "llm"
     console.rule("augment: " + ("candidates + LLM selection (SIA)" if llm else "candidates only (no LLM)"))
     cand = generate_candidates(cfg)

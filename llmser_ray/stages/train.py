@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from llmser_ray.config import Config
 from llmser_ray.data.dataset import SeqDataset, load_dataset
-from llmser_ray.errors import StageError
+from llmser_ray.errors import ConfigError, StageError
 from llmser_ray.evaluation import metrics_from_ranks, rank_targets
 from llmser_ray.io import atomic_dir, read_manifest, write_json
 from llmser_ray.models import build_model
@@ -337,6 +337,12 @@ def _train_loop(loop_cfg: dict[str, Any]) -> None:
 
     model = build_model(cfg.model, ds.num_items, cfg.semantic, semantic_table(cfg, ds))
     distill = distillation(cfg, ds)
+    if loop_cfg.get("item_vectors"):  # tslrec.init_backbone (a resumed run loads its own weights below)
+        from safetensors.numpy import load_file as load_numpy
+
+        from llmser_ray.models.item_init import init_item_table
+
+        init_item_table(model, load_numpy(loop_cfg["item_vectors"])["vectors"])
     wrapped = ray.train.torch.prepare_model(LossModule(model))
     device = ray.train.torch.get_device()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
@@ -444,7 +450,7 @@ def default_name(cfg: Config) -> str:
     if cfg.semantic.enabled or cfg.distill.enabled:
         name += ("-llmesr" if cfg.semantic.enabled and cfg.distill.enabled
                  else "-dualview" if cfg.semantic.enabled else "-distill")
-    return name
+    return name + ("-tslrec" if cfg.tslrec.init_backbone else "")  # item table initialised by TSLRec
 
 
 def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
@@ -467,6 +473,11 @@ def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
 
         aug = read_manifest(augmentation_dir(cfg)) or {}
         key += f"-{cfg.digest('dual')[:8]}-{str(aug.get('config_digest', 'na'))[:8]}"
+    if cfg.tslrec.init_backbone:  # only then: every other run key stays what it was
+        from llmser_ray.stages.tslrec_embed import STAGE as TSLREC_EMBED
+
+        emb = read_manifest(TSLREC_EMBED.folder(cfg.workdir_path)) or {}
+        key += f"-tslrec-{str(emb.get('config_digest', 'na'))[:8]}"
     return key
 
 
@@ -522,6 +533,18 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
         needs("train", "user_neighbours", lambda: neighbours_current(cfg),
               lambda: user_neighbours(cfg))
         distillation(cfg, ds)
+    item_vectors = None
+    if cfg.tslrec.init_backbone and cfg.semantic.enabled:
+        raise ConfigError("tslrec.init_backbone and semantic.enabled both set the item table",
+                          "use one: the dual view's collaborative table is initialised from its own PCA")
+    if cfg.tslrec.init_backbone:  # as the augmentation: read from disk, never produced inside a trial
+        from llmser_ray.stages.tslrec_embed import STAGE as TSLREC_EMBED
+        from llmser_ray.stages.tslrec_embed import VECTORS_FILE
+
+        item_vectors = TSLREC_EMBED.folder(cfg.workdir_path) / VECTORS_FILE
+        if not item_vectors.is_file():
+            raise StageError(f"tslrec.init_backbone needs the TSLRec item embeddings ({item_vectors})",
+                             "run `llmser-ray tslrec-embed` with the same --workdir first")
     out = out_dir or model_dir(cfg, name)
     key = _run_key(cfg, ds.manifest)
     metrics = None if force else _finished(out, key)
@@ -535,7 +558,8 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
         clear_run(storage_uri, run_name)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "dataset_dir": str(dataset_dir)},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "dataset_dir": str(dataset_dir),
+                           "item_vectors": str(item_vectors) if item_vectors else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker,

@@ -158,6 +158,8 @@ def experiment_name(cfg: Config) -> str:
                                                             "llm", "dual", "tune",
                                                             *llmesr_sections(cfg))}
     payload["tune"].pop("max_concurrent_trials", None)  # resources, not the experiment's identity
+    if cfg.tslrec.init_backbone:  # trials start from TSLRec's item vectors: another experiment
+        payload["tslrec"] = cfg.model_dump(mode="json")["tslrec"]
     return f"{cfg.tune.name}-{digest(payload)[:10]}"
 
 
