@@ -312,6 +312,13 @@ class AugmentConfig(_Strict):
     # training; "validation_LEAKS_LABEL" reproduces the reference code for comparison only.
     hide: Literal["last_train", "validation_LEAKS_LABEL"] = "last_train"
     arv_candidates: int = Field(10, ge=2, le=100)
+    # ARV's judge: generate (the LLM names one candidate number, constrained) or score (each
+    # candidate's title scored as the NEXT item by PMI, like selector=score: order-independent).
+    arv_judge: Literal["generate", "score"] = "generate"
+    # r_u: skill (the pick's similarity to the hidden item over a random pick from the same list,
+    # rescaled so that a judge no better than chance gets weights near 0; augment/selection.py
+    # judge_skill) or cosine (the raw similarity, the reference).
+    arv_reliability: Literal["skill", "cosine"] = "skill"
     seed: int = 0
     # Ray Data actor pools that score users with a backbone (candidates, ARV) and ground replies.
     scorer_actors: int = Field(1, ge=1)

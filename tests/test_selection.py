@@ -22,6 +22,7 @@ from llmser_ray.augment.selection import (
     expected_random,
     fuse,
     history_similarity,
+    judge_skill,
     pmi,
     recall_ndcg,
     simulate_tail_users,
@@ -108,6 +109,24 @@ def test_recall_ndcg_and_random_floor() -> None:
     assert expected_random(np.array([1, 2, 3, 4]), {1, 2}, 4)[0] == pytest.approx(1.0)
     mean, lo, hi = bootstrap_ci(np.array([0.0, 1.0] * 50))
     assert mean == 0.5 and lo < 0.5 < hi
+
+
+def test_judge_skill_gives_a_chance_judge_weights_near_zero() -> None:
+    rng = np.random.default_rng(3)
+    sims = rng.uniform(0, 1, size=(4000, 10))  # each user's list: similarity of each item to the hidden one
+    rand, best = sims.mean(axis=1), sims.max(axis=1)
+    chance = sims[np.arange(4000), rng.integers(0, 10, size=4000)]
+    r, s, overall = judge_skill(chance, rand, best)
+    assert abs(overall) < 0.03 and r.mean() < 0.03 and (r >= 0).all() and (r <= 1).all()
+    assert np.clip(chance, 0, 1).mean() > 0.4  # what the raw cosine would have given this judge
+    r, s, overall = judge_skill(best, rand, best)  # a perfect judge
+    assert overall == 1.0 and np.allclose(r, 1.0) and np.allclose(s, 1.0)
+    good = np.where(rng.uniform(size=4000) < 0.5, best, chance)  # right half the time
+    r, _, overall = judge_skill(good, rand, best)
+    assert 0.4 < overall < 0.6 and abs(r.mean() - overall) < 1e-9
+    assert r[good == best].mean() > r[good != best].mean()  # served users keep higher weights
+    r, s, _ = judge_skill(np.array([0.5]), np.array([0.5]), np.array([0.5]))  # nothing to judge
+    assert r[0] == 0 and s[0] == 0
 
 
 def test_simulated_tail_users_hide_their_prior_items() -> None:

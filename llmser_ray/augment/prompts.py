@@ -54,18 +54,21 @@ def selection_schema(num_candidates: int, n: int) -> dict[str, Any]:
 
 SCORING_ASK = "Name one product this customer bought BEFORE these."
 SCORING_ASK_NO_HISTORY = "Name one product a customer bought."
+NEXT_ASK = "Name one product this customer will buy NEXT."
+NEXT_ASK_NO_HISTORY = "Name one product a customer will buy."
 
 
-def scoring_messages(history: list[str]) -> list[dict[str, str]]:
+def scoring_messages(history: list[str], next_item: bool = False) -> list[dict[str, str]]:
     """The ``score`` selector's prompt: the answer scored is one candidate's title (each candidate
     alone, so the order of a candidate list cannot matter). With an empty history this is the
     history-free prompt whose likelihood of a title is the PMI baseline: both prompts differ
-    only by the history, so their difference measures what the history says about the title."""
+    only by the history, so their difference measures what the history says about the title.
+    ``next_item`` asks for the next purchase instead (ARV's scoring judge)."""
+    ask, ask_alone = (NEXT_ASK, NEXT_ASK_NO_HISTORY) if next_item else (SCORING_ASK, SCORING_ASK_NO_HISTORY)
     if history:
-        user = (f"The customer bought the following items, oldest first:\n{_history_block(history)}\n\n"
-                f"{SCORING_ASK}")
+        user = f"The customer bought the following items, oldest first:\n{_history_block(history)}\n\n{ask}"
     else:
-        user = SCORING_ASK_NO_HISTORY
+        user = ask_alone
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 

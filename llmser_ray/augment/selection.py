@@ -201,3 +201,33 @@ def bootstrap_ratio(a: np.ndarray, b: np.ndarray, seed: int = 0, rounds: int = 2
     ratios = a[idx].mean(axis=1) / np.maximum(b[idx].mean(axis=1), 1e-12)
     lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(a.mean() / b.mean()), float(lo), float(hi)
+
+
+def judge_skill(picked_sim: np.ndarray, random_sim: np.ndarray, best_sim: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    """ARV's reliability as the judge's skill over a random pick from the same list.
+
+    Per user, ``s_u = (sim(picked, hidden) - mean_c sim(c, hidden)) / (max_c sim(c, hidden) -
+    mean_c sim(c, hidden))``: 0 for the similarity a uniformly random pick of the list gets on
+    average, 1 for the best pick the list allows (a list whose items are all equally similar
+    leaves nothing to judge: 0). The raw cosine measured mostly the forward model's list, not
+    the judge (docs/AUGMENTATION.md: a random pick scored 0.338 against ARV's 0.325).
+
+    One pick per user is noisy and clipping it at 0 would hand a useless judge positive weights
+    (half its users beat the random pick by chance), so the clipped per-user skills are rescaled
+    to average the judge's overall skill, ``S = mean_u s_u`` (unclipped, itself clipped to
+    [0, 1]): ``r_u = clip(s_u, 0, 1) * S / mean_u clip(s_u, 0, 1)``. A judge no better than
+    chance gets weights near 0 for everyone; a perfect one keeps ``r_u = s_u = 1``; users the
+    judge served better keep higher weights than the others. Returns (r_u, s_u, S).
+    """
+    picked_sim = np.asarray(picked_sim, dtype=np.float64)
+    random_sim = np.asarray(random_sim, dtype=np.float64)
+    best_sim = np.asarray(best_sim, dtype=np.float64)
+    spread = best_sim - random_sim
+    s = np.where(spread > 1e-9, (picked_sim - random_sim) / np.where(spread > 1e-9, spread, 1.0), 0.0)
+    if len(s) == 0:
+        return s, s, 0.0
+    overall = float(np.clip(s.mean(), 0.0, 1.0))
+    clipped = np.clip(s, 0.0, 1.0)
+    scale = overall / clipped.mean() if clipped.mean() > 1e-12 else 0.0
+    return clipped * scale, s, overall
