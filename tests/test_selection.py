@@ -1,8 +1,9 @@
 """Selectors (``augment.selector``) and the selection benchmark (issue 18).
 
-The scoring math is tested on hand-made numbers; the no-LLM selectors, the benchmark's
-truncation and resumption through the real stages on a small synthetic catalogue; the ``score``
-selector with the real vLLM engine is marked slow.
+The scoring math, the prompts and the no-LLM selector are tested on hand-made inputs (fast,
+seconds). The benchmark's truncation, the selectors and resumption through the real stages (a
+reverse model trained and the embed stage run on a small synthetic catalogue: ~2.5 min on two
+cores) and the ``score`` selector with the real vLLM engine are marked slow.
 """
 
 from __future__ import annotations
@@ -176,9 +177,10 @@ def test_score_requests_do_not_depend_on_the_candidate_order() -> None:
 # ----------------------------------------------------------------------------- through the stages
 
 SMALL = ["data.synthetic.n_users=300", "data.synthetic.n_items=120", "data.tail_user_threshold=5",
-         "model.hidden=16", "model.max_len=20", "model.layers=1", "train.epochs=2", "train.torch_threads=1",
+         "model.hidden=16", "model.max_len=20", "model.layers=1", "train.epochs=1", "train.torch_threads=1",
          "ray.num_cpus=4", "ray.include_dashboard=false", "augment.shard_size=4", "augment.num_candidates=10",
-         "augment.ask_items=5", "augment.scorer_batch_size=4", "llm.max_tokens=40", "llm.batch_size=40"]
+         "augment.ask_items=5", "dual.num_pseudo=5", "augment.scorer_batch_size=4",
+         "llm.max_tokens=40", "llm.batch_size=40"]
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +199,7 @@ def _run(bench, sim, selector: str, **augment):
     return cfg, select_items(cfg)
 
 
+@pytest.mark.slow
 def test_truncation_never_shows_a_held_out_item(simulated) -> None:
     bench, sim = simulated
     from llmser_ray.data.dataset import load_dataset
@@ -212,6 +215,7 @@ def test_truncation_never_shows_a_held_out_item(simulated) -> None:
         assert not set(hist) & set(sim["truth"][u])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selector", ["collaborative", "embedding", "fusion"])
 def test_no_llm_selectors_return_candidates_only(simulated, selector: str) -> None:
     bench, sim = simulated
@@ -241,6 +245,7 @@ def test_selector_handles_empty_and_one_item_histories() -> None:
         assert sorted(out["pseudo_items"][1]) == [2, 5]
 
 
+@pytest.mark.slow
 def test_killed_selection_resumes_without_redoing_users(simulated, monkeypatch) -> None:
     bench, sim = simulated
     from llmser_ray.augment import shards
