@@ -130,18 +130,27 @@ def selector_cfg(base: Config, selector: str, users: list[int], **augment: Any) 
     return cfg
 
 
-def run_selector(cfg: Config, out: Path) -> tuple[dict[int, list[int]], dict[int, list[int]], dict[str, Any]]:
-    """Run the select stage and keep a copy of its output (the workdir holds one ``augmented/``)."""
+def run_selector(cfg: Config, out: Path, reuse: bool = False
+                 ) -> tuple[dict[int, list[int]], dict[int, list[int]], dict[str, Any]]:
+    """Run the select stage and keep a copy of its output and summary (the workdir holds one
+    ``augmented/``); with ``reuse``, a kept copy is read instead (its users/s stays the measured
+    one, where a rerun from the reply cache would time cache hits)."""
     from llmser_ray.stages.select import select_items
 
-    res = select_items(cfg)
     keep = out / "results" / f"{cfg.augment.selector}.parquet"
-    keep.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(res.path / "augmented.parquet", keep)
+    kept_summary = keep.with_suffix(".summary.json")
+    if reuse and keep.is_file() and kept_summary.is_file():
+        summary = json.loads(kept_summary.read_text())
+    else:
+        res = select_items(cfg)
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(res.path / "augmented.parquet", keep)
+        summary = res.summary
+        kept_summary.write_text(json.dumps(summary, indent=1))
     t = pq.read_table(keep, columns=["user_id", "pseudo_items", "candidates"]).to_pydict()
     picks = dict(zip(t["user_id"], t["pseudo_items"], strict=True))
     pools = dict(zip(t["user_id"], t["candidates"], strict=True))
-    return picks, pools, res.summary
+    return picks, pools, summary
 
 
 def metrics(picks: dict[int, list[int]], truth: dict[int, list[int]],
@@ -218,6 +227,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
     p.add_argument("--out", default="docs/selection_beauty.json")
+    p.add_argument("--reuse", default="", help="selectors whose kept results (results/<name>.parquet and "
+                   ".summary.json) are reported without rerunning them")
     args = p.parse_args()
     out = Path(args.workdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,7 +254,7 @@ def main() -> None:
             extra["fusion_weight"] = fusion_search["best_weight"]
         scfg = selector_cfg(cfg, sel, sel_users, **extra)
         t_sel = time.perf_counter()
-        picks, sel_pools, summary = run_selector(scfg, out)
+        picks, sel_pools, summary = run_selector(scfg, out, reuse=sel in args.reuse.split(","))
         pools.update(sel_pools)
         m = metrics(picks, truth, sel_users)
         per_user[sel] = m
@@ -259,6 +270,19 @@ def main() -> None:
         else:
             per_user_llm[sel] = m
         print(f"[selbench] {sel}: recall@12 {results[sel]['recall@12']} ({loadavg()})", flush=True)
+        write_report(args, cfg, sim, users, llm_users, truth, pools, results, per_user, per_user_llm,
+                     fusion_search, t0)
+
+
+def write_report(args: argparse.Namespace, cfg: Config, sim: dict[str, Any], users: list[int],
+                 llm_users: list[int], truth: dict[int, list[int]], pools: dict[int, list[int]],
+                 results: dict[str, Any], per_user: dict[str, dict[str, np.ndarray]],
+                 per_user_llm: dict[str, dict[str, np.ndarray]], fusion_search: dict[str, Any] | None,
+                 t0: float) -> None:
+    """The JSON report from what is measured so far (written after every selector, so an
+    interrupted run keeps its finished selectors)."""
+    results = dict(results)
+    per_user = dict(per_user)
     # Ceiling and floor from the pools (the same candidates for every selector).
     all_users = sorted(users)
     ceil = {f"recall@{n}": np.array([min(len(set(pools[u]) & set(truth[u])), n) / len(truth[u])
@@ -309,6 +333,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: {m: v.get(m) for m in ("recall@12", "ndcg@12", "users_per_s")}
                       for k, v in results.items() if isinstance(v, dict) and "recall@12" in v}, indent=1))
+
+
 
 
 def reverse_metrics(cfg: Config) -> dict[str, Any] | None:
