@@ -341,7 +341,9 @@ def reverse_metrics(cfg: Config) -> dict[str, Any] | None:
     from llmser_ray.stages.pretrain import plain_config, pretrained_dir
     from llmser_ray.stages.train import finished_metrics
 
-    return finished_metrics(plain_config(cfg, reverse=True), pretrained_dir(cfg, reverse=True))
+    m = finished_metrics(plain_config(cfg, reverse=True), pretrained_dir(cfg, reverse=True))
+    keep = ("name", "best_epoch", "epochs_run", "valid", "test")
+    return None if m is None else {k: v for k, v in m.items() if k in keep}
 
 
 if __name__ == "__main__":
