@@ -289,12 +289,38 @@ class AugmentConfig(_Strict):
     grounding: Literal["constrained", "lines", "whole_response"] = "constrained"
     # Minimum cosine for a reply line to count as a candidate (lines grounding).
     min_similarity: float = Field(0.6, ge=-1, le=1)
+    # How the pseudo items are chosen from the K candidates (docs/SELECTION.md):
+    # generate: the LLM lists candidate numbers (constrained generation; answers by position
+    #   with small models); score: the LLM scores every candidate's title by its log-likelihood
+    #   after the user's history, calibrated by the title's likelihood without it (PMI), one
+    #   prompt per candidate so the candidate order cannot matter; embedding: cosine of each
+    #   candidate's text embedding to the mean of the history's (no LLM); collaborative: the
+    #   reverse model's order (no LLM); fusion: fusion_weight * z(collaborative score)
+    #   + (1 - fusion_weight) * z(embedding similarity) (no LLM).
+    selector: Literal["generate", "score", "embedding", "collaborative", "fusion"] = "generate"
+    # Weight of the collaborative score in the fusion selector (1 = collaborative, 0 = embedding).
+    fusion_weight: float = Field(0.5, ge=0, le=1)
+    # score selector: PMI calibration strength, score = log p(title | history) - pmi_alpha *
+    # log p(title | no history), both as mean logprob per title token (0 = uncalibrated).
+    pmi_alpha: float = Field(1.0, ge=0, le=2)
     # Users per resumable shard.
     shard_size: int = Field(256, ge=1)
+    # Restrict the chosen users to these dataset user ids (1-based), e.g. the simulated tail users
+    # of the selection benchmark. None = every user ``users`` chooses.
+    user_ids: list[int] | None = None
     # ARV: which known item is hidden. "last_train" (default) keeps the validation label out of
     # training; "validation_LEAKS_LABEL" reproduces the reference code for comparison only.
     hide: Literal["last_train", "validation_LEAKS_LABEL"] = "last_train"
     arv_candidates: int = Field(10, ge=2, le=100)
+    # ARV's judge: generate (the LLM names one candidate number, constrained) or score (each
+    # candidate's title scored as the NEXT item by PMI, like selector=score: order-independent).
+    arv_judge: Literal["generate", "score"] = "generate"
+    # r_u: cosine (the raw similarity of the pick to the hidden item: the reference, and what
+    # every dual-channel result in docs/RESULTS.md used) or skill (over a random pick from the
+    # same list, rescaled so that a judge no better than chance gets weights near 0;
+    # augment/selection.py judge_skill). cosine stays the default until skill is measured in
+    # training (docs/SELECTION.md); with the bundled 135M judge, skill is ~0 and so are the weights.
+    arv_reliability: Literal["skill", "cosine"] = "cosine"
     seed: int = 0
     # Ray Data actor pools that score users with a backbone (candidates, ARV) and ground replies.
     scorer_actors: int = Field(1, ge=1)

@@ -52,6 +52,31 @@ def selection_schema(num_candidates: int, n: int) -> dict[str, Any]:
             "minItems": 1, "maxItems": n}
 
 
+SCORING_ASK = "Name one product this customer bought BEFORE these."
+SCORING_ASK_NO_HISTORY = "Name one product a customer bought."
+NEXT_ASK = "Name one product this customer will buy NEXT."
+NEXT_ASK_NO_HISTORY = "Name one product a customer will buy."
+
+
+def scoring_messages(history: list[str], next_item: bool = False) -> list[dict[str, str]]:
+    """The ``score`` selector's prompt: the answer scored is one candidate's title (each candidate
+    alone, so the order of a candidate list cannot matter). With an empty history this is the
+    history-free prompt whose likelihood of a title is the PMI baseline: both prompts differ
+    only by the history, so their difference measures what the history says about the title.
+    ``next_item`` asks for the next purchase instead (ARV's scoring judge)."""
+    ask, ask_alone = (NEXT_ASK, NEXT_ASK_NO_HISTORY) if next_item else (SCORING_ASK, SCORING_ASK_NO_HISTORY)
+    if history:
+        user = f"The customer bought the following items, oldest first:\n{_history_block(history)}\n\n{ask}"
+    else:
+        user = ask_alone
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def scoring_title(title: str) -> str:
+    """How a candidate is written as the scored answer (the same cut as in every prompt)."""
+    return short(title) or "(untitled item)"
+
+
 def validation_messages(history: list[str], candidates: list[str]) -> list[dict[str, str]]:
     """ARV: which one candidate comes next after this (augmented) history."""
     cands = "\n".join(f"{i + 1}. {short(t) or '(untitled item)'}" for i, t in enumerate(candidates))
@@ -66,7 +91,9 @@ def validation_choices(num_candidates: int) -> list[str]:
 
 
 def request_row(request_id: str, messages: list[dict[str, str]], schema: dict[str, Any] | None = None,
-                choices: list[str] | None = None) -> dict[str, Any]:
-    """A row in the generation layer's request format (llmser_ray.llm)."""
+                choices: list[str] | None = None, continuation: str = "") -> dict[str, Any]:
+    """A row in the generation layer's request format (llmser_ray.llm); ``continuation`` makes
+    it a scoring request (the likelihood of that text as the answer)."""
     return {"request_id": request_id, "messages": json.dumps(messages),
-            "guided_json": json.dumps(schema) if schema else "", "guided_choice": list(choices or [])}
+            "guided_json": json.dumps(schema) if schema else "", "guided_choice": list(choices or []),
+            "continuation": continuation}

@@ -89,7 +89,11 @@ class OpenAIBatch(ReplyBatch):
     # ------------------------------------------------------------------ sending
 
     def answer(self, requests: list[Request]) -> list[Reply]:
-        return asyncio.run(self._answer_all(requests))
+        # Scoring requests need prompt log-probabilities, which chat endpoints do not return.
+        todo = [r for r in requests if not r.continuation]
+        done = iter(asyncio.run(self._answer_all(todo)) if todo else [])
+        return [Reply.failed("scoring requests need llm.backend=vllm") if r.continuation else next(done)
+                for r in requests]
 
     async def _answer_all(self, requests: list[Request]) -> list[Reply]:
         import httpx

@@ -6,6 +6,11 @@ the ``OUTPUT`` columns. Statuses are decided here, in one place, so that no back
 truncated or empty answer into a valid one: ``truncated`` (the token limit cut the reply),
 ``empty`` (nothing but whitespace), ``error`` (this request failed; ``error`` says why), else
 ``ok``. The reply itself is always kept verbatim.
+
+Scoring requests (``continuation`` non-empty): nothing is generated; the backend returns how
+likely ``continuation`` is as the start of the assistant's answer to ``messages``, as the JSON
+reply ``{"logprob_sum": float, "tokens": int}`` (prompt log-probabilities of the continuation's
+tokens, vLLM only). The ``score`` selector ranks candidates with it (docs/SELECTION.md).
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ class Request:
     messages: list[dict[str, str]]
     guided_json: str
     guided_choice: list[str]
+    # Non-empty: a scoring request (log-likelihood of this text as the answer), not a generation.
+    continuation: str = ""
 
     @property
     def structured(self) -> dict[str, Any] | None:
@@ -107,7 +114,13 @@ def parse_request(row: dict[str, Any]) -> Request:
             raise ValueError("guided_json must be a JSON schema object")
         if choice:
             raise ValueError("give guided_json or guided_choice, not both")
-    return Request([{"role": m["role"], "content": m["content"]} for m in messages], guided_json, choice)
+    continuation = row.get("continuation") or ""
+    if not isinstance(continuation, str):
+        raise ValueError("continuation must be a string")
+    if continuation and (guided_json or choice):
+        raise ValueError("a scoring request (continuation) takes no guided_json / guided_choice")
+    return Request([{"role": m["role"], "content": m["content"]} for m in messages], guided_json, choice,
+                   continuation)
 
 
 def sampling(cfg: LLMConfig) -> dict[str, Any]:
@@ -121,6 +134,9 @@ def request_key(identity: str, sampling_params: dict[str, Any], req: Request) ->
     payload = {"model": identity, "sampling": sampling_params, "messages": req.messages,
                "guided_json": json.loads(req.guided_json) if req.guided_json else None,
                "guided_choice": req.guided_choice}
+    if req.continuation:  # only for scoring requests: generation keys stay what they were
+        payload["continuation"] = req.continuation
+        payload["sampling"] = {"score": "prompt_logprobs"}  # sampling cannot change a likelihood
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -129,7 +145,8 @@ def rows_of(table: pa.Table) -> list[dict[str, Any]]:
     if missing:
         raise DataError(f"request rows lack the column(s) {missing}",
                         "give every row request_id and messages (guided_json / guided_choice optional)")
-    cols = [c for c in ("request_id", "messages", "guided_json", "guided_choice") if c in table.column_names]
+    cols = [c for c in ("request_id", "messages", "guided_json", "guided_choice", "continuation")
+            if c in table.column_names]
     return table.select(cols).to_pylist()
 
 

@@ -200,12 +200,72 @@ class VLLMBatch(ReplyBatch):
                                           len(c.token_ids or [])))
         return replies
 
+    def _score(self, requests: list[Request]) -> list[Reply]:
+        """Scoring requests: the summed log-probability of each continuation's tokens after the
+        chat prompt (``prompt_logprobs``, one token generated and ignored). The prompt is built
+        as token ids (chat template + the continuation's own tokens), so exactly the
+        continuation's tokens are summed whatever the tokenizer does at the boundary."""
+        import json
+
+        from vllm import SamplingParams
+
+        llm = self._engine()
+        tok = llm.get_tokenizer()
+        prompts, spans = [], []
+        for req in requests:
+            prefix = tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
+            if not isinstance(prefix, list):  # a BatchEncoding in some transformers versions
+                prefix = list(prefix["input_ids"])
+            cont = tok.encode(req.continuation, add_special_tokens=False)
+            prompts.append({"prompt_token_ids": list(prefix) + list(cont)})
+            spans.append((len(prefix), len(cont)))
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        self._busy = True
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            self._busy = False
+        replies = []
+        for o, (start, n) in zip(outs, spans, strict=True):
+            lps = o.prompt_logprobs or []
+            ids = o.prompt_token_ids or []
+            total = 0.0
+            for pos in range(start, start + n):
+                entry = lps[pos] if pos < len(lps) else None
+                if not entry or ids[pos] not in entry:
+                    total = float("nan")
+                    break
+                total += float(entry[ids[pos]].logprob)
+            if n == 0 or total != total:
+                replies.append(Reply.failed("no prompt logprobs for the continuation"))
+                continue
+            replies.append(Reply.answered(json.dumps({"logprob_sum": total, "tokens": n}), "stop",
+                                          len(ids), 0))
+        return replies
+
     def answer(self, requests: list[Request]) -> list[Reply]:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         replies: list[Reply | None] = [None] * len(requests)
+        scoring = [i for i, r in enumerate(requests) if r.continuation]
+        if scoring:
+            try:
+                for i, r in zip(scoring, self._score([requests[i] for i in scoring]), strict=True):
+                    replies[i] = r
+            except EngineDeadError:
+                self._die()
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a failed scoring batch fails its rows only
+                log.warning("vLLM scoring failed (%s: %s)", type(e).__name__, e)
+                for i in scoring:
+                    replies[i] = Reply.failed(f"{type(e).__name__}: {e}")
+            if len(scoring) == len(requests):
+                return [r if r is not None else Reply.failed("not answered") for r in replies]
         ready: list[tuple[int, Any]] = []
         for i, req in enumerate(requests):
+            if req.continuation:
+                continue
             try:
                 ready.append((i, self._params(req)))
             except Exception as e:  # noqa: BLE001 - a bad constraint fails its own row only

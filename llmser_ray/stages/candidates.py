@@ -26,8 +26,8 @@ from llmser_ray.stages.pretrain import plain_config, pretrained_dir, reverse_mod
 
 STAGE = Stage(
     name="candidates", output="candidates", schema_version=1, inputs=("prepare", "pretrain"),
-    identity=("augment.users", "augment.max_users", "augment.seed", "augment.num_candidates",
-              "augment.exclude_history", "reverse model run key", "dataset digest"),
+    identity=("augment.users", "augment.user_ids", "augment.max_users", "augment.seed",
+              "augment.num_candidates", "augment.exclude_history", "reverse model run key", "dataset digest"),
     schema="docs/SCHEMA.md#candidates",
     summary="the reverse model's top-K items before each chosen user's history")
 SCHEMA_VERSION = STAGE.schema_version
@@ -45,6 +45,16 @@ def chosen_users(cfg: Config, ds: SeqDataset) -> np.ndarray:
     """User ids (1-based) that get pseudo-prior items: tail users by default, or everyone."""
     mask = ds.is_tail_user if cfg.augment.users == "tail" else np.ones(ds.num_users, dtype=bool)
     users = ds.user_ids[mask]
+    if cfg.augment.user_ids is not None:
+        listed = np.asarray(cfg.augment.user_ids, dtype=np.int64)
+        unknown = listed[(listed < 1) | (listed > ds.num_users)]
+        if len(unknown):
+            from llmser_ray.errors import ConfigError
+
+            raise ConfigError(f"augment.user_ids names {len(unknown)} user id(s) not in the dataset "
+                              f"(e.g. {int(unknown[0])}; ids are 1..{ds.num_users})",
+                              "list dataset user ids (sequences.parquet user_id)")
+        users = users[np.isin(users, listed)]
     cap = cfg.augment.max_users
     if cap is not None and len(users) > cap:
         users = np.sort(np.random.default_rng(cfg.augment.seed).choice(users, size=cap, replace=False))
@@ -57,6 +67,8 @@ def candidates_digest(cfg: Config, ds: SeqDataset, reverse_dir: Path) -> str:
                "exclude": a.exclude_history,
                "model": (read_manifest(reverse_dir) or {}).get("run_key"),
                "dataset": ds.manifest.get("config_digest")}
+    if a.user_ids is not None:  # only when set, so outputs written before the key existed stay current
+        payload["user_ids"] = sorted(set(a.user_ids))
     return digest(payload)
 
 

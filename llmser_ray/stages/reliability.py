@@ -6,6 +6,12 @@ let the LLM pick one (decoding constrained to a candidate number), and take
 ``r_u = cosine(text(picked), text(hidden))`` from the FAISS actors. ``w_u`` applies the length
 decay; training recomputes it with its own settings (augment/weights.py).
 
+With ``augment.arv_judge=score`` the LLM does not name a number: each candidate's title is
+scored as the next item by PMI (as ``augment.selector=score`` does), so the candidate order
+cannot decide the pick. With ``augment.arv_reliability=skill`` ``r_u`` is the judge's
+skill over a random pick of the same list (``augment.selection.judge_skill``), so a judge no
+better than chance gives weights near 0; ``r_cosine``, ``r_random`` and ``r_best`` are kept.
+
 The hidden item is the LAST TRAINING item by default. The reference hides the validation item,
 which puts the validation label into the training weights; that variant exists only as
 ``augment.hide=validation_LEAKS_LABEL``, named so that nobody picks it by accident.
@@ -23,7 +29,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmser_ray.augment.prompts import request_row, validation_choices, validation_messages
+from llmser_ray.augment.prompts import (
+    request_row,
+    scoring_messages,
+    scoring_title,
+    validation_choices,
+    validation_messages,
+)
+from llmser_ray.augment.selection import judge_skill, pmi, top_n
 from llmser_ray.augment.shards import ShardWriter
 from llmser_ray.augment.weights import decay_weights
 from llmser_ray.config import Config
@@ -37,11 +50,12 @@ from llmser_ray.stages.select import llm_identity, select_current, select_items
 STAGE = Stage(
     name="reliability", output="reliability", schema_version=1, inputs=("select", "pretrain", "embed"),
     identity=("augmented digest", "augment.hide", "augment.arv_candidates", "augment.prompt_history",
+              "augment.arv_judge", "augment.arv_reliability", "augment.pmi_alpha (score judge)",
               "llm identity", "forward model run key", "embeddings digest"),
     schema="docs/SCHEMA.md#reliability", summary="each augmented user's reliability r_u and weight w_u")
 SCHEMA_VERSION = STAGE.schema_version
 STREAM_COLUMNS = ["user_id", "hidden_item", "arv_candidates", "picked_item", "raw_reply", "status",
-                  "error", "r_u"]
+                  "error", "r_u", "r_random", "r_best"]
 
 
 @dataclass
@@ -117,14 +131,133 @@ class ReliabilityScorer:
             status.append(st)
             errors.append(err)
         hidden = np.asarray(batch["hidden_item"], dtype=np.int64)
-        r = np.zeros(n, dtype=np.float64)
-        valid = picked > 0
-        if valid.any():
-            sims = ray.get(random.choice(self.faiss).cosine.remote(picked[valid], hidden[valid]))
-            r[valid] = np.clip(np.asarray(sims, dtype=np.float64), 0.0, 1.0)
+        # One FAISS call for every (candidate, hidden) pair of the batch: the picked item's
+        # similarity, and what a random pick (the mean) or the best pick of the list would get.
+        lists = [np.asarray(c, dtype=np.int64) for c in batch["arv_candidates"]]
+        flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+        hid = np.repeat(hidden, [len(c) for c in lists]) if lists else np.zeros(0, np.int64)
+        sims = (np.clip(np.asarray(ray.get(random.choice(self.faiss).cosine.remote(flat, hid)),
+                                   dtype=np.float64), 0.0, 1.0) if len(flat) else np.zeros(0))
+        r, r_random, r_best = np.zeros(n), np.zeros(n), np.zeros(n)
+        start = 0
+        for i, c in enumerate(lists):
+            part = sims[start:start + len(c)]
+            start += len(c)
+            if len(part):
+                r_random[i], r_best[i] = part.mean(), part.max()
+            if picked[i] > 0:
+                r[i] = part[np.flatnonzero(c == picked[i])[0]]
         return {"user_id": batch["user_id"], "hidden_item": hidden,
                 "arv_candidates": batch["arv_candidates"], "picked_item": picked,
-                "raw_reply": batch["reply"], "status": status, "error": errors, "r_u": r}
+                "raw_reply": batch["reply"], "status": status, "error": errors, "r_u": r,
+                "r_random": r_random, "r_best": r_best}
+
+
+class ARVScorePrompter:
+    """ARV's scoring judge: each user's candidates -> one scoring request per candidate (its title
+    as the next item after the augmented history) and its history-free baseline."""
+
+    def __init__(self, texts: Any, prompt_history: int) -> None:
+        import ray
+
+        self.texts = ray.get(texts) if isinstance(texts, ray.ObjectRef) else texts
+        self.prompt_history = prompt_history
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        base = scoring_messages([], next_item=True)
+        cols = ("user_id", "hidden_item", "arv_candidates", "position", "kind", "request_id", "messages",
+                "guided_json", "guided_choice", "continuation")
+        out: dict[str, list[Any]] = {k: [] for k in cols}
+        for user, hidden, prefix, topk in zip(batch["user_id"], batch["hidden_item"], batch["inputs"],
+                                              batch["topk"], strict=True):
+            cands = np.asarray([c for c in topk if c > 0], dtype=np.int64)
+            msgs = scoring_messages([self.texts[i] for i in np.asarray(prefix)[-self.prompt_history:]],
+                                    next_item=True)
+            for pos, c in enumerate(cands):
+                for kind, m in (("cond", msgs), ("base", base)):
+                    row = request_row(f"arvs-{int(user)}-{pos}-{kind}", m,
+                                      continuation=scoring_title(self.texts[c]))
+                    for k, v in (("user_id", int(user)), ("hidden_item", int(hidden)),
+                                 ("arv_candidates", cands), ("position", pos), ("kind", kind)):
+                        out[k].append(v)
+                    for k in ("request_id", "messages", "guided_json", "guided_choice", "continuation"):
+                        out[k].append(row[k])
+        return out
+
+
+def _mean_logprob(reply: str) -> float:
+    import json
+
+    try:
+        d = json.loads(reply)
+        return float(d["logprob_sum"]) / max(int(d["tokens"]), 1)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return float("nan")
+
+
+def _score_judge(cfg: Config, scored: Any, texts: Any, pool: Any, writer: ShardWriter) -> set[int]:
+    """Stream the scoring requests, regroup them per user in the driver, pick by PMI (ties: the
+    forward model's rank, then the item id), then score the picks like the generating judge."""
+    import json
+
+    import ray
+
+    from llmser_ray.llm import generate
+    from llmser_ray.ray_utils import iter_plain_batches
+
+    a = cfg.augment
+    requests = scored.map_batches(
+        ARVScorePrompter, fn_constructor_kwargs={"texts": texts, "prompt_history": a.prompt_history},
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1, batch_size=8)
+    replies = generate(requests, cfg.llm, cache_dir=cfg.workdir_path / "llm_cache")
+    judge = ReliabilityScorer(pool.handles)
+    got: dict[int, dict[str, Any]] = {}
+    arrived: set[int] = set()
+    cols = ["user_id", "hidden_item", "arv_candidates", "position", "kind", "reply", "status", "error"]
+    for batch in iter_plain_batches(replies.select_columns(cols)):
+        done = []
+        for row in batch.to_pylist():
+            u = int(row["user_id"])
+            cands = np.asarray(row["arv_candidates"], dtype=np.int64)
+            g = got.setdefault(u, {"cands": cands, "hidden": int(row["hidden_item"]),
+                                   "cond": np.full(len(cands), np.nan), "base": np.full(len(cands), np.nan),
+                                   "n": 0, "errors": []})
+            if row["status"] != "ok":
+                g["errors"].append(row["error"] or row["status"])
+            lp = _mean_logprob(row["reply"]) if row["status"] == "ok" else np.nan
+            g[row["kind"]][int(row["position"])] = lp
+            g["n"] += 1
+            if g["n"] == 2 * len(cands):
+                done.append(u)
+        if not done:
+            continue
+        rows: dict[str, list[Any]] = {k: [] for k in ("user_id", "hidden_item", "arv_candidates", "reply",
+                                                       "status", "error")}
+        raw = []
+        for u in done:
+            g = got.pop(u)
+            sc = pmi(g["cond"], g["base"], a.pmi_alpha)
+            rank = -np.arange(len(g["cands"]), dtype=np.float64)  # the forward model's order breaks ties
+            pick = top_n(g["cands"], sc, 1, tiebreak=rank)
+            ok = not g["errors"] and len(pick)
+            num = int(np.flatnonzero(g["cands"] == pick[0])[0]) + 1 if ok else 0
+            for k, v in (("user_id", u), ("hidden_item", g["hidden"]), ("arv_candidates", g["cands"]),
+                         ("reply", str(num) if ok else ""), ("status", "ok" if ok else "error"),
+                         ("error", "" if ok else f"scoring failed: {(g['errors'] or ['no pick'])[0]}")):
+                rows[k].append(v)
+            raw.append(json.dumps({"pick": num, "scores": [round(float(x), 6) if np.isfinite(x) else None
+                                                             for x in sc]}))
+        judged = judge(rows)
+        judged["raw_reply"] = raw
+        writer.add(pa.table({c: _plain(judged[c]) for c in STREAM_COLUMNS}))
+        arrived.update(done)
+    return arrived
+
+
+def _plain(values: Any) -> Any:
+    if isinstance(values, np.ndarray):
+        return values
+    return [np.asarray(v, dtype=np.int64) if isinstance(v, np.ndarray) else v for v in values]
 
 
 def _skipped_rows(rows: pa.Table) -> pa.Table:
@@ -135,7 +268,8 @@ def _skipped_rows(rows: pa.Table) -> pa.Table:
         "picked_item": pa.array([0] * n, pa.int64()), "raw_reply": pa.array([""] * n, pa.string()),
         "status": pa.array(["empty"] * n, pa.string()),
         "error": pa.array(["no candidates to choose from"] * n, pa.string()),
-        "r_u": pa.array([0.0] * n, pa.float64()),
+        "r_u": pa.array([0.0] * n, pa.float64()), "r_random": pa.array([0.0] * n, pa.float64()),
+        "r_best": pa.array([0.0] * n, pa.float64()),
     })
 
 
@@ -157,7 +291,16 @@ def score_reliability(cfg: Config, force: bool = False) -> ReliabilityResult:
     emb = needs("reliability", "embed", lambda: embed_current(cfg), lambda: embed_items(cfg))
     ds = load_dataset(cfg.workdir_path / "dataset")
     a = cfg.augment
-    arv_cfg = {k: getattr(a, k) for k in ("hide", "arv_candidates", "prompt_history")}
+    # The reference ARV (generate + cosine) hashes what it hashed before these keys existed, so
+    # existing reliability/ outputs stay current; any other judge or r_u is its own identity.
+    keys = ["hide", "arv_candidates", "prompt_history"]
+    if a.arv_judge != "generate":
+        keys.append("arv_judge")
+    if a.arv_reliability != "cosine":
+        keys.append("arv_reliability")
+    if a.arv_judge == "score":
+        keys.append("pmi_alpha")
+    arv_cfg = {k: getattr(a, k) for k in keys}
     key = digest({"augmented": aug_manifest.get("config_digest"), "arv": arv_cfg,
                   "llm": llm_identity(cfg), "forward": (read_manifest(forward) or {}).get("run_key"),
                   "embeddings": (read_manifest(emb.path) or {}).get("config_digest"),
@@ -200,17 +343,20 @@ def score_reliability(cfg: Config, force: bool = False) -> ReliabilityResult:
             num_gpus=a.scorer_gpus or None, batch_size=a.scorer_batch_size)
         # A prefix with no eligible candidate (tiny catalogues) is answered without the LLM.
         scored = scored.filter(lambda row: bool((np.asarray(row["topk"]) > 0).any()))
-        requests = scored.map_batches(
-            ARVPrompter, fn_constructor_kwargs={"texts": texts, "prompt_history": a.prompt_history},
-            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1, batch_size=256)
-        replies = generate(requests, cfg.llm, cache_dir=cfg.workdir_path / "llm_cache")
-        judged = replies.map_batches(
-            ReliabilityScorer, fn_constructor_kwargs={"faiss_handles": pool.handles},
-            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1, batch_size=a.scorer_batch_size)
         arrived: set[int] = set()
-        for batch in iter_plain_batches(judged.select_columns(STREAM_COLUMNS)):
-            arrived.update(batch.column("user_id").to_pylist())
-            writer.add(batch)
+        if a.arv_judge == "score":
+            arrived = _score_judge(cfg, scored, texts, pool, writer)
+        else:
+            requests = scored.map_batches(
+                ARVPrompter, fn_constructor_kwargs={"texts": texts, "prompt_history": a.prompt_history},
+                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1, batch_size=256)
+            replies = generate(requests, cfg.llm, cache_dir=cfg.workdir_path / "llm_cache")
+            judged = replies.map_batches(
+                ReliabilityScorer, fn_constructor_kwargs={"faiss_handles": pool.handles},
+                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1, batch_size=a.scorer_batch_size)
+            for batch in iter_plain_batches(judged.select_columns(STREAM_COLUMNS)):
+                arrived.update(batch.column("user_id").to_pylist())
+                writer.add(batch)
         pool.shutdown()
         # Users filtered out for lack of candidates never arrive: close their shards as "empty".
         ids = pending.column("user_id").to_numpy()
@@ -238,7 +384,20 @@ def _assemble(cfg: Config, ds: Any, aug: pa.Table, users: np.ndarray, original: 
         for row in streamed.to_pylist():
             by_user[int(row["user_id"])] = row
     train_len = np.array([len(o) for o in original], dtype=np.int64)
-    r = np.array([float(by_user.get(int(u), {}).get("r_u") or 0.0) for u in users])
+    r_cos = np.array([float(by_user.get(int(u), {}).get("r_u") or 0.0) for u in users])
+    r_rand = np.array([float(by_user.get(int(u), {}).get("r_random") or 0.0) for u in users])
+    r_best = np.array([float(by_user.get(int(u), {}).get("r_best") or 0.0) for u in users])
+    judged = np.array([by_user.get(int(u), {}).get("status") == "ok" for u in users])
+    skill = np.zeros(len(users))
+    r = r_cos.copy()
+    if judged.any():
+        r_sk, s_u, _ = judge_skill(r_cos[judged], r_rand[judged], r_best[judged])
+        skill[judged] = s_u
+        if cfg.augment.arv_reliability == "skill":
+            r = np.zeros(len(users))
+            r[judged] = r_sk
+    elif cfg.augment.arv_reliability == "skill":
+        r = np.zeros(len(users))
     w = decay_weights(r, train_len, cfg.dual.decay, cfg.dual.beta, cfg.decay_threshold)
 
     def col(name: str, default: Any) -> list[Any]:
@@ -257,6 +416,8 @@ def _assemble(cfg: Config, ds: Any, aug: pa.Table, users: np.ndarray, original: 
         "error": pa.array([str(x or "") for x in col("error", "")], pa.string()),
         "r_u": pa.array(r, pa.float64()),
         "w_u": pa.array(w, pa.float64()),
+        "r_cosine": pa.array(r_cos, pa.float64()), "r_random": pa.array(r_rand, pa.float64()),
+        "r_best": pa.array(r_best, pa.float64()), "skill": pa.array(skill, pa.float64()),
         "train_len": pa.array(train_len, pa.int64()),
     })
 
@@ -271,6 +432,9 @@ def summarise(table: pa.Table, seconds: float, new_users: int) -> dict[str, Any]
                    for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
                 "share_zero": float((r == 0).mean()) if len(r) else 0.0},
         "w_u_mean": float(df["w_u"].mean()) if len(df) else 0.0,
+        # The judge against chance on the same lists: mean similarity of its picks, of a random
+        # pick (the list mean) and of the best pick, and its mean skill (0 = chance, 1 = best).
+        "judge": _judge_summary(df),
         "hit_rate": float((df["picked_item"] == df["hidden_item"]).mean()) if len(df) else 0.0,
         # How concentrated the picks are on one position of the candidate list: near 1.0 means the
         # LLM answers by position, not by content, and r_u measures the recommender, not the LLM.
@@ -285,3 +449,13 @@ def _top_position_share(df: Any) -> float:
     if not positions:
         return 0.0
     return float(np.bincount(positions).max() / len(positions))
+
+
+def _judge_summary(df: Any) -> dict[str, float]:
+    ok = df[df["status"] == "ok"]
+    if not len(ok):
+        return {"users": 0}
+    return {"users": len(ok), "r_cosine_mean": float(ok["r_cosine"].mean()),
+            "r_random_mean": float(ok["r_random"].mean()), "r_best_mean": float(ok["r_best"].mean()),
+            "skill_mean": float(ok["skill"].mean()),
+            "skill_mean_clipped": float(np.clip(ok["skill"].mean(), 0.0, 1.0))}

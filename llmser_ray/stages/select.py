@@ -6,6 +6,13 @@ Pipeline, one Ray Data stream over the chosen users:
   candidates/ (CCG, reverse model) -> selection prompts -> LLM actor pool (llmser_ray.llm)
   -> grounding actor pool (parse; for free text: embeddings + FAISS actors) -> shards on disk.
 
+Selectors (``augment.selector``, docs/SELECTION.md): ``generate`` is the path above;
+``score`` explodes each user into one scoring request per candidate (plus the history-free
+baseline of each candidate, answered once per item by the reply cache) through the same LLM
+actor pool and picks by PMI; ``embedding``, ``collaborative`` and ``fusion`` need no LLM and go
+through a small actor pool (``RankSelector``) instead. Every selector writes the same shards,
+so every one resumes and caches the same way.
+
 Why this shape: the LLM is the expensive part, so everything around it streams (no stage waits
 for the whole previous one), results are written per shard as they complete (an interrupted
 run keeps every finished shard), LLM replies are cached by content (a rerun after a crash does
@@ -28,7 +35,14 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from llmser_ray.augment.grounding import Grounded, ground_lines, ground_numbers, ground_whole, split_lines
-from llmser_ray.augment.prompts import request_row, selection_messages, selection_schema
+from llmser_ray.augment.prompts import (
+    request_row,
+    scoring_messages,
+    scoring_title,
+    selection_messages,
+    selection_schema,
+)
+from llmser_ray.augment.selection import fuse, history_similarity, pmi, top_n
 from llmser_ray.augment.shards import ShardWriter
 from llmser_ray.config import Config
 from llmser_ray.data.dataset import load_dataset
@@ -39,8 +53,9 @@ from llmser_ray.stages.candidates import CandidatesResult, candidates_current, g
 STAGE = Stage(
     name="select", output="augmented", schema_version=1, inputs=("candidates", "embed (free-text grounding)"),
     identity=("candidates digest", "augment.ask_items", "augment.prompt_history", "augment.grounding",
-              "augment.min_similarity", "llm identity (backend, model, base_url, sampling, seed)",
-              "embeddings digest (free-text grounding)"),
+              "augment.min_similarity", "augment.selector", "augment.fusion_weight", "augment.pmi_alpha",
+              "llm identity (backend, model, base_url, sampling, seed; LLM selectors only)",
+              "embeddings digest (free-text grounding, embedding and fusion selectors)"),
     schema="docs/SCHEMA.md#augmented", summary="each chosen user's pseudo-prior items, picked by the LLM")
 SCHEMA_VERSION = STAGE.schema_version
 OUT_COLUMNS = ["user_id", "history", "candidates", "pseudo_items", "raw_reply", "status", "n_lines",
@@ -217,26 +232,48 @@ def summarise(table: pa.Table, seconds: float, new_users: int, reused_shards: in
     }
 
 
+NO_LLM = ("embedding", "collaborative", "fusion")
+
+
+def needs_embeddings(cfg: Config) -> bool:
+    """Free-text grounding of generated replies, and the embedding-based selectors."""
+    a = cfg.augment
+    free_text = a.selector == "generate" and a.grounding != "constrained"
+    return free_text or a.selector in ("embedding", "fusion")
+
+
 def _sia_config(cfg: Config) -> dict[str, Any]:
-    keys = ("ask_items", "prompt_history", "grounding", "min_similarity")
-    return {k: getattr(cfg.augment, k) for k in keys}
+    """What decides the selection. The selector keys join only for a selector other than
+    ``generate``, so an augmentation generated before they existed (hours of LLM time on Beauty)
+    is still recognised as current; each selector hashes only the keys it reads."""
+    a = cfg.augment
+    keys: tuple[str, ...] = ("ask_items", "prompt_history", "grounding", "min_similarity")
+    if a.selector == "score":
+        keys = ("ask_items", "prompt_history", "selector", "pmi_alpha")
+    elif a.selector == "fusion":
+        keys = ("ask_items", "prompt_history", "selector", "fusion_weight")
+    elif a.selector in ("embedding", "collaborative"):
+        keys = ("ask_items", "prompt_history", "selector") if a.selector == "embedding" else (
+            "ask_items", "selector")
+    return {k: getattr(a, k) for k in keys}
 
 
 def select_key(cfg: Config) -> str:
     """The identity of ``augmented/`` given the candidates and embeddings now on disk."""
     emb_digest = None
-    if cfg.augment.grounding != "constrained":
+    if needs_embeddings(cfg):
         emb_digest = (read_manifest(cfg.workdir_path / "embeddings") or {}).get("config_digest")
     cand = read_manifest(cfg.workdir_path / "candidates") or {}
+    llm = None if cfg.augment.selector in NO_LLM else llm_identity(cfg)
     return digest({"candidates": cand.get("config_digest"), "sia": _sia_config(cfg),
-                   "llm": llm_identity(cfg), "embeddings": emb_digest, "v": SCHEMA_VERSION})
+                   "llm": llm, "embeddings": emb_digest, "v": SCHEMA_VERSION})
 
 
 def select_current(cfg: Config) -> bool:
     """Whether ``augmented/`` is current (its candidates and embeddings current too)."""
     if not candidates_current(cfg):
         return False
-    if cfg.augment.grounding != "constrained":
+    if needs_embeddings(cfg):
         from llmser_ray.stages.embed import embed_current
 
         if not embed_current(cfg):
@@ -256,7 +293,12 @@ def select_items(cfg: Config, force: bool = False) -> AugmentResult:
     ds = load_dataset(cfg.workdir_path / "dataset")
     a = cfg.augment
     sia_cfg = _sia_config(cfg)
-    if a.grounding != "constrained":
+    if a.selector == "score" and cfg.llm.backend != "vllm":
+        from llmser_ray.errors import ConfigError
+
+        raise ConfigError("augment.selector=score needs llm.backend=vllm (prompt log-probabilities)",
+                          "use llm.backend=vllm, or augment.selector=generate with this endpoint")
+    if needs_embeddings(cfg):
         from llmser_ray.stages.embed import embed_current, embed_items
 
         needs("select", "embed", lambda: embed_current(cfg), lambda: embed_items(cfg))
@@ -265,7 +307,8 @@ def select_items(cfg: Config, force: bool = False) -> AugmentResult:
         return AugmentResult(out, True, json.loads((out / "summary.json").read_text()), cand)
 
     t0 = time.perf_counter()
-    table = pq.read_table(cand.path / "candidates.parquet").select(["user_id", "history", "candidates"])
+    table = pq.read_table(cand.path / "candidates.parquet").select(
+        ["user_id", "history", "candidates", "scores"])
     writer = ShardWriter(cfg.workdir_path / ".partial" / f"augment-{key}",
                          table.column("user_id").to_numpy(), a.shard_size)
     pending = table.filter(pa.array(writer.pending_mask()))
@@ -273,7 +316,15 @@ def select_items(cfg: Config, force: bool = False) -> AugmentResult:
     n_cands = pa.compute.list_value_length(pending.column("candidates")).to_numpy(zero_copy_only=False)
     writer.add(_no_candidate_rows(pending.filter(pa.array(n_cands == 0))))
     pending = pending.filter(pa.array(n_cands > 0))
-    if pending.num_rows:
+    if pending.num_rows and a.selector != "generate":
+        init_ray(cfg.ray)
+        quiet_ray_data()
+        if a.selector == "score":
+            _score_select(cfg, pending, ds.item_text, writer)
+        else:
+            _rank_select(cfg, pending, writer)
+    elif pending.num_rows:
+        pending = pending.drop_columns(["scores"])
         init_ray(cfg.ray)
         quiet_ray_data()
         texts = ray.put(ds.item_text)
@@ -309,7 +360,8 @@ def select_items(cfg: Config, force: bool = False) -> AugmentResult:
                          "rerun the same command: finished shards are kept and reused")
     result = _conform(result)
     summary = summarise(result, time.perf_counter() - t0, pending.num_rows, writer.reused)
-    with STAGE.publish(out, key, config=sia_cfg, llm=llm_identity(cfg),
+    summary["selector"] = a.selector
+    with STAGE.publish(out, key, config=sia_cfg, llm=None if a.selector in NO_LLM else llm_identity(cfg),
                        counts={"users": result.num_rows}) as pub:
         pq.write_table(result, pub.dir / "augmented.parquet")
         write_json(pub.dir / "summary.json", summary)
@@ -344,3 +396,166 @@ def _conform(table: pa.Table) -> pa.Table:
             col = pa.array([None] * table.num_rows, types[name])
         cols.append(col.cast(types[name]))
     return pa.table(dict(zip(OUT_COLUMNS, cols, strict=True))).sort_by("user_id")
+
+
+# ----------------------------------------------------------------------------- selectors without generation
+
+
+def _chosen_row(user: int, history: Any, cands: np.ndarray, picks: np.ndarray, scores: np.ndarray,
+                status: str = "ok", error: str = "", prompt_tokens: int = 0) -> dict[str, Any]:
+    """One ``augmented`` row for a scoring selector: the picks in the selector's order, the
+    per-candidate scores (candidate order) as the raw reply, no generated entries to ground."""
+    shown = [round(float(x), 6) if np.isfinite(x) else None for x in scores]
+    return {"user_id": int(user), "history": np.asarray(history, dtype=np.int64),
+            "candidates": np.asarray(cands, dtype=np.int64),
+            "pseudo_items": np.asarray(picks, dtype=np.int64), "raw_reply": json.dumps({"scores": shown}),
+            "status": status, "n_lines": len(picks), "n_mapped": len(picks), "n_unmapped": 0,
+            "n_duplicates": 0, "prompt_tokens": int(prompt_tokens), "completion_tokens": 0, "error": error}
+
+
+def _rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return _conform(pa.table({c: [r[c] for r in rows] for c in OUT_COLUMNS})) if rows else None
+
+
+class RankSelector:
+    """The no-LLM selectors as a Ray Data actor: (history, candidates, reverse-model scores) ->
+    pseudo items. ``embedding``: cosine to the history profile; ``collaborative``: the reverse
+    model's scores; ``fusion``: their z-scored, weighted sum. Ties go to the reverse model."""
+
+    def __init__(self, selector: str, n: int, prompt_history: int, fusion_weight: float,
+                 vectors: Any) -> None:
+        import ray
+
+        self.vectors = ray.get(vectors) if isinstance(vectors, ray.ObjectRef) else vectors
+        self.selector, self.n, self.prompt_history, self.w = selector, n, prompt_history, fusion_weight
+
+    def scores(self, hist: np.ndarray, cands: np.ndarray, collab: np.ndarray) -> np.ndarray:
+        if self.selector == "collaborative":
+            return collab
+        hist = hist[-self.prompt_history:] if len(hist) else hist
+        sem = history_similarity(self.vectors[cands], self.vectors[hist])
+        return sem if self.selector == "embedding" else fuse(collab, sem, self.w)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        rows = []
+        for user, hist, cands, collab in zip(batch["user_id"], batch["history"], batch["candidates"],
+                                             batch["scores"], strict=True):
+            hist = np.asarray(hist, dtype=np.int64)
+            cands = np.asarray(cands, dtype=np.int64)
+            collab = np.asarray(collab, dtype=np.float64)
+            sc = self.scores(hist, cands, collab)
+            rows.append(_chosen_row(user, hist, cands, top_n(cands, sc, self.n, tiebreak=collab), sc))
+        return {c: [r[c] for r in rows] for c in OUT_COLUMNS}
+
+
+def _rank_select(cfg: Config, pending: pa.Table, writer: ShardWriter) -> None:
+    import ray
+
+    from llmser_ray.ray_utils import from_arrow_blocks, iter_plain_batches
+
+    a = cfg.augment
+    vectors = None
+    if a.selector in ("embedding", "fusion"):
+        from llmser_ray.text.embed import load_item_vectors
+
+        vectors = ray.put(load_item_vectors(cfg.workdir_path))
+    blocks = max(1, min(pending.num_rows // a.shard_size + 1, 64))
+    chosen = from_arrow_blocks(pending, blocks).map_batches(
+        RankSelector, fn_constructor_kwargs={"selector": a.selector, "n": a.ask_items,
+                                             "prompt_history": a.prompt_history,
+                                             "fusion_weight": a.fusion_weight, "vectors": vectors},
+        compute=ray.data.ActorPoolStrategy(size=a.scorer_actors), num_cpus=a.scorer_cpus,
+        batch_size=a.scorer_batch_size)
+    for batch in iter_plain_batches(chosen.select_columns(OUT_COLUMNS)):
+        writer.add(_conform(batch))
+
+
+class ScorePrompter:
+    """Each user -> one scoring request per candidate (its title after the user's history) and
+    one per candidate without the history (the PMI baseline; the same request for the same item
+    whoever asks, so the reply cache answers it once per item)."""
+
+    def __init__(self, texts: Any, prompt_history: int) -> None:
+        import ray
+
+        self.texts = ray.get(texts) if isinstance(texts, ray.ObjectRef) else texts
+        self.prompt_history = prompt_history
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        base_msgs = scoring_messages([])
+        out: dict[str, list[Any]] = {k: [] for k in ("user_id", "position", "kind", "request_id", "messages",
+                                                      "guided_json", "guided_choice", "continuation")}
+        for user, hist, cands in zip(batch["user_id"], batch["history"], batch["candidates"], strict=True):
+            hist = np.asarray(hist, dtype=np.int64)
+            titles = [self.texts[i] for i in hist[-self.prompt_history:]] if len(hist) else []
+            msgs = scoring_messages(titles)
+            for pos, c in enumerate(np.asarray(cands, dtype=np.int64)):
+                cont = scoring_title(self.texts[c])
+                for kind, m in (("cond", msgs), ("base", base_msgs)):
+                    row = request_row(f"score-{int(user)}-{pos}-{kind}", m, continuation=cont)
+                    out["user_id"].append(int(user))
+                    out["position"].append(pos)
+                    out["kind"].append(kind)
+                    for k in ("request_id", "messages", "guided_json", "guided_choice", "continuation"):
+                        out[k].append(row[k])
+        return out
+
+
+def _mean_logprob(reply: str) -> float:
+    try:
+        d = json.loads(reply)
+        return float(d["logprob_sum"]) / max(int(d["tokens"]), 1)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return float("nan")
+
+
+def _score_select(cfg: Config, pending: pa.Table, item_text: list[str], writer: ShardWriter) -> None:
+    """The ``score`` selector: requests stream through the LLM pool; replies come back in any
+    order and are regrouped per user here, and a user's row is written once all 2K are in."""
+    import ray
+
+    from llmser_ray.llm import generate
+    from llmser_ray.ray_utils import from_arrow_blocks, iter_plain_batches
+
+    a = cfg.augment
+    texts = ray.put(item_text)
+    cols_in = [pending.column(c).to_pylist() for c in ("user_id", "history", "candidates", "scores")]
+    users = {int(u): (np.asarray(h, dtype=np.int64), np.asarray(c, dtype=np.int64),
+                      np.asarray(s, dtype=np.float64)) for u, h, c, s in zip(*cols_in, strict=True)}
+    got: dict[int, dict[str, Any]] = {}
+    # A block of a few users at a time: one block is 2K requests per user.
+    blocks = max(1, min(pending.num_rows // 8 + 1, 256))
+    requests = from_arrow_blocks(pending.select(["user_id", "history", "candidates"]), blocks).map_batches(
+        ScorePrompter, fn_constructor_kwargs={"texts": texts, "prompt_history": a.prompt_history},
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1, batch_size=8)
+    replies = generate(requests, cfg.llm, cache_dir=cfg.workdir_path / "llm_cache")
+    cols = ["user_id", "position", "kind", "reply", "status", "error", "prompt_tokens"]
+    for batch in iter_plain_batches(replies.select_columns(cols)):
+        done = []
+        for row in batch.to_pylist():
+            u = int(row["user_id"])
+            k = len(users[u][1])
+            g = got.setdefault(u, {"cond": np.full(k, np.nan), "base": np.full(k, np.nan), "n": 0,
+                                   "tokens": 0, "errors": []})
+            lp = _mean_logprob(row["reply"]) if row["status"] == "ok" else float("nan")
+            if row["status"] != "ok":
+                g["errors"].append(row["error"] or row["status"])
+            g[row["kind"]][int(row["position"])] = lp
+            g["n"] += 1
+            g["tokens"] += int(row["prompt_tokens"] or 0) if row["kind"] == "cond" else 0
+            if g["n"] == 2 * k:
+                done.append(u)
+        rows = []
+        for u in done:
+            g = got.pop(u)
+            hist, cands, collab = users[u]
+            sc = pmi(g["cond"], g["base"], a.pmi_alpha)
+            if g["errors"]:
+                rows.append(_chosen_row(u, hist, cands, np.zeros(0, np.int64), sc, "error",
+                                        f"{len(g['errors'])} scoring request(s) failed: {g['errors'][0]}",
+                                        g["tokens"]))
+            else:
+                rows.append(_chosen_row(u, hist, cands, top_n(cands, sc, a.ask_items, tiebreak=collab), sc,
+                                        prompt_tokens=g["tokens"]))
+        if rows:
+            writer.add(_rows_table(rows))
