@@ -130,7 +130,10 @@ def test_a_picked_port_taken_before_serve_binds_it_is_picked_again(
     lines: list[str] = []
     ingress.start_local_serve(_ray_cfg("serve.port=0"), log=lines.append)
     assert len(lines) == 1 and "retrying with fresh ports" in lines[0], lines
-    assert len(calls) == 4  # two per attempt
+    # Three picks per attempt: the HTTP port, the fallback proxy's port (these two, in this order,
+    # before Ray starts) and the local Ray's state-API address (ray_utils._local_ray_env: the
+    # dashboard is off here, so a port nothing listens on).
+    assert len(calls) == 6
     from ray.serve.context import _get_global_client
 
     port = int(_get_global_client().http_config.port)
