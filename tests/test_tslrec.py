@@ -245,7 +245,7 @@ def test_stages_fine_tune_then_embed_every_item_in_id_order(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_a_killed_fine_tuning_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     _smollm2()
-    args = _stage_args(tmp_path, ["tslrec.steps=6", "tslrec.checkpoint_every=2"])
+    args = _stage_args(tmp_path, ["tslrec.steps=8", "tslrec.checkpoint_every=2"])
     cmd = [sys.executable, "-m", "llmser_ray", "tslrec-tune"]
     for a in args:
         cmd += ["--set", a]
@@ -259,9 +259,12 @@ def test_a_killed_fine_tuning_resumes_from_its_checkpoint(tmp_path: Path) -> Non
         seen.append(line)
         if "[tslrec_tune] step     2" in line or time.time() > deadline:
             break
+    # Kill once a SECOND checkpoint folder exists: the first is then surely registered with Ray
+    # Train (a kill right after the first folder appears can beat Train's own bookkeeping, and
+    # the rerun then starts over; tests/test_training.py waits the same way).
     storage = tmp_path / "tslrec" / "ray"
-    for _ in range(60):
-        if list(storage.glob("run-*/checkpoint_*")):
+    for _ in range(120):
+        if len(list(storage.glob("run-*/checkpoint_*"))) >= 2:
             break
         time.sleep(1)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -271,9 +274,9 @@ def test_a_killed_fine_tuning_resumes_from_its_checkpoint(tmp_path: Path) -> Non
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     log = second.stdout + second.stderr
     assert second.returncode == 0, "".join(seen)[-2000:] + log[-3000:]
-    assert "resumed after step 2" in log, log[-3000:]
+    assert "resumed after step" in log, log[-3000:]
     metrics = json.loads((tmp_path / "tslrec" / "metrics.json").read_text())
-    assert [h["step"] for h in metrics["history"]] == list(range(1, 7))
+    assert [h["step"] for h in metrics["history"]] == list(range(1, 9))
 
 
 def test_backbone_item_table_initialised_from_llm_vectors() -> None:
