@@ -231,3 +231,16 @@ def judge_skill(picked_sim: np.ndarray, random_sim: np.ndarray, best_sim: np.nda
     clipped = np.clip(s, 0.0, 1.0)
     scale = overall / clipped.mean() if clipped.mean() > 1e-12 else 0.0
     return clipped * scale, s, overall
+
+
+def mean_logprob(reply: str) -> float:
+    """Mean log-probability per token of a scoring reply (``{"logprob_sum", "tokens"}``, the
+    llm layer's answer to a request with a ``continuation``); NaN for a failed or odd reply, which
+    ranks last. Per token, so a long title is not penalised for its length."""
+    import json
+
+    try:
+        d = json.loads(reply)
+        return float(d["logprob_sum"]) / max(int(d["tokens"]), 1)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return float("nan")

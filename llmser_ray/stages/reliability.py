@@ -36,7 +36,7 @@ from llmser_ray.augment.prompts import (
     validation_choices,
     validation_messages,
 )
-from llmser_ray.augment.selection import judge_skill, pmi, top_n
+from llmser_ray.augment.selection import judge_skill, mean_logprob, pmi, top_n
 from llmser_ray.augment.shards import ShardWriter
 from llmser_ray.augment.weights import decay_weights
 from llmser_ray.config import Config
@@ -185,16 +185,6 @@ class ARVScorePrompter:
         return out
 
 
-def _mean_logprob(reply: str) -> float:
-    import json
-
-    try:
-        d = json.loads(reply)
-        return float(d["logprob_sum"]) / max(int(d["tokens"]), 1)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return float("nan")
-
-
 def _score_judge(cfg: Config, scored: Any, texts: Any, pool: Any, writer: ShardWriter) -> set[int]:
     """Stream the scoring requests, regroup them per user in the driver, pick by PMI (ties: the
     forward model's rank, then the item id), then score the picks like the generating judge."""
@@ -224,7 +214,7 @@ def _score_judge(cfg: Config, scored: Any, texts: Any, pool: Any, writer: ShardW
                                    "n": 0, "errors": []})
             if row["status"] != "ok":
                 g["errors"].append(row["error"] or row["status"])
-            lp = _mean_logprob(row["reply"]) if row["status"] == "ok" else np.nan
+            lp = mean_logprob(row["reply"]) if row["status"] == "ok" else np.nan
             g[row["kind"]][int(row["position"])] = lp
             g["n"] += 1
             if g["n"] == 2 * len(cands):

@@ -42,7 +42,7 @@ from llmser_ray.augment.prompts import (
     selection_messages,
     selection_schema,
 )
-from llmser_ray.augment.selection import fuse, history_similarity, pmi, top_n
+from llmser_ray.augment.selection import fuse, history_similarity, mean_logprob, pmi, top_n
 from llmser_ray.augment.shards import ShardWriter
 from llmser_ray.config import Config
 from llmser_ray.data.dataset import load_dataset
@@ -501,14 +501,6 @@ class ScorePrompter:
         return out
 
 
-def _mean_logprob(reply: str) -> float:
-    try:
-        d = json.loads(reply)
-        return float(d["logprob_sum"]) / max(int(d["tokens"]), 1)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return float("nan")
-
-
 def _score_select(cfg: Config, pending: pa.Table, item_text: list[str], writer: ShardWriter) -> None:
     """The ``score`` selector: requests stream through the LLM pool; replies come back in any
     order and are regrouped per user here, and a user's row is written once all 2K are in."""
@@ -537,7 +529,7 @@ def _score_select(cfg: Config, pending: pa.Table, item_text: list[str], writer: 
             k = len(users[u][1])
             g = got.setdefault(u, {"cond": np.full(k, np.nan), "base": np.full(k, np.nan), "n": 0,
                                    "tokens": 0, "errors": []})
-            lp = _mean_logprob(row["reply"]) if row["status"] == "ok" else float("nan")
+            lp = mean_logprob(row["reply"]) if row["status"] == "ok" else float("nan")
             if row["status"] != "ok":
                 g["errors"].append(row["error"] or row["status"])
             g[row["kind"]][int(row["position"])] = lp
