@@ -54,7 +54,8 @@ def config(args: argparse.Namespace, seed: int, extra: list[str] | None = None) 
 
     return load_config(None, [
         *beauty_sets(args.workdir, args.data),
-        "data.tail_user_threshold=9", "model.backbone=sasrec", f"model.max_len={args.max_len}",
+        "data.tail_user_threshold=9", "model.backbone=sasrec",
+        *([f"model.max_len={args.max_len}"] if args.max_len else []),
         f"train.epochs={args.epochs}", f"train.patience={args.patience}", f"train.seed={seed}",
         "train.torch_threads=1", f"dual.num_pseudo={args.num_pseudo}", f"dual.beta={args.beta}",
         *([f"augment.max_users={args.max_users}"] if args.max_users else []), *(extra or [])])
@@ -185,8 +186,10 @@ def main() -> None:
     ap.add_argument("--seeds", default="42,43,44")
     ap.add_argument("--upstream-seed", type=int, default=42)
     ap.add_argument("--epochs", type=int, default=200)
-    ap.add_argument("--patience", type=int, default=20)
-    ap.add_argument("--max-len", type=int, default=50)
+    # The product's backbone trained to convergence (docs/RESULTS.md section 1: patience 10,
+    # model.max_len's default); issue 5's weak-backbone run was --max-len 50 --epochs 30 --patience 20.
+    ap.add_argument("--patience", type=int, default=10)
+    ap.add_argument("--max-len", type=int, default=None, help="model.max_len (default: the config's)")
     ap.add_argument("--num-pseudo", type=int, default=12)
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--max-users", type=int, default=None,
@@ -231,8 +234,11 @@ def main() -> None:
         from llmser_ray.stages.run import upstream
 
         t0 = time.perf_counter()
-        log("upstream: prepare, pretrain (forward + reverse), candidates, SIA, ARV")
-        up = upstream(config(args, args.upstream_seed, ["dual.pseudo_source=llm"]))
+        # Without the llmser variant nothing asks the LLM: candidates only (SIA and ARV skipped).
+        source = "llm" if "llmser" in variants else "candidates"
+        llm_stages = ", SIA, ARV" if source == "llm" else ""
+        log(f"upstream: prepare, pretrain (forward + reverse), candidates{llm_stages}")
+        up = upstream(config(args, args.upstream_seed, [f"dual.pseudo_source={source}"]))
         upstream_info = {"augment": up.get("augment"), "validate": up.get("validate"),
                          "seconds": time.perf_counter() - t0}
         (Path(args.workdir) / "upstream.json").write_text(json.dumps(upstream_info, indent=2, default=str))
