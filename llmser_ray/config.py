@@ -106,6 +106,12 @@ class ModelConfig(_Strict):
     # SASRec as published (causal mask + feed-forward). "reference" reproduces the LLMSeR code's
     # defect (no mask, no feed-forward) for comparisons only.
     sasrec_variant: Literal["standard", "reference"] = "standard"
+    # Score items against the input item table (tied: Kang & McAuley's SASRec, RecBole, and the
+    # measured best with CE) or a separate output table (gSASRec's default). Untie for
+    # train.loss=gbce: with tied tables its many negatives push every rare item's INPUT
+    # embedding away from all user states too, and the model collapsed to popularity
+    # (docs/RESULTS.md section 1).
+    tie_output: bool = True
     # BERT4Rec Cloze masking probability: 0.6, the paper's best on Beauty (Sun et al. 2019),
     # which with full-softmax CE is also the strongest BERT4Rec measured here (docs/RESULTS.md).
     mask_prob: float = Field(0.6, gt=0, lt=1)

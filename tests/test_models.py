@@ -20,6 +20,7 @@ VARIANTS = {
     "sasrec-reference": {"backbone": "sasrec", "sasrec_variant": "reference"},
     "bert4rec": {"backbone": "bert4rec"},
     "gru4rec": {"backbone": "gru4rec"},
+    "sasrec-untied": {"backbone": "sasrec", "tie_output": False},
 }
 # Left-padded, with an all-padding row and a single-item row.
 SEQS = torch.tensor([
@@ -81,6 +82,28 @@ def test_all_padding_batch_has_zero_loss() -> None:
             out = _stats(model, empty, Objective(loss, 2), None)
             assert torch.equal(out, torch.zeros(3, 2)), name
         assert torch.isfinite(model.score_all(empty)).all(), name
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec", "gru4rec"])
+def test_an_untied_model_scores_against_its_own_output_table(backbone: str, tmp_path) -> None:
+    cfg = ModelConfig(backbone=backbone, hidden=16, heads=2, max_len=6, tie_output=False)
+    torch.manual_seed(0)
+    model = build_model(cfg, NUM_ITEMS)
+    assert model.out_emb is not None
+    assert model.item_embeddings().data_ptr() == model.out_emb.weight.data_ptr()
+    assert model.item_embeddings().data_ptr() != model.item_emb.weight.data_ptr()
+    assert (model.item_embeddings()[0] == 0).all()  # padding scores 0 like the tied table's row
+    # A negative-only loss moves the output rows of the negatives, never the input table.
+    h = model.user_repr(SEQS[1:]).detach()
+    torch.nn.functional.softplus(h @ model.item_embeddings()[[4, 5]].T).sum().backward()
+    assert model.item_emb.weight.grad is None
+    assert model.out_emb.weight.grad[[4, 5]].abs().sum() > 0
+    path = tmp_path / "m.safetensors"
+    save_file(model.state_dict(), str(path))
+    clone = build_model(cfg, NUM_ITEMS)
+    clone.load_state_dict(load_file(str(path)))
+    model.eval(), clone.eval()
+    torch.testing.assert_close(model.score_all(SEQS), clone.score_all(SEQS))
 
 
 @pytest.mark.parametrize("name", ["sasrec", "bert4rec", "gru4rec"])
@@ -254,3 +277,20 @@ def test_reference_sasrec_is_never_bucketed() -> None:
     assert not model.bucket_by_length
     seqs = torch.tensor([[0, 0, 0, 0, 3, 4], [1, 2, 3, 4, 5, 6]])
     torch.testing.assert_close(model.user_repr(seqs), model.last_state(seqs))
+
+
+def test_the_tied_default_keeps_existing_training_keys() -> None:
+    """Models trained before ``model.tie_output`` existed stay current; untying retrains."""
+    from llmser_ray.config import Config
+    from llmser_ray.stages.base import digest
+    from llmser_ray.stages.train import OPERATIONAL_TRAIN_KEYS, TRAIN_SECTIONS, _run_key
+
+    cfg = Config()
+    payload = {s: getattr(cfg, s).model_dump(mode="json") for s in TRAIN_SECTIONS}
+    del payload["model"]["tie_output"]
+    for op in OPERATIONAL_TRAIN_KEYS:
+        del payload["train"][op]
+    old = f"{digest(payload)}-na"
+    assert _run_key(cfg, {}) == old
+    untied = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tie_output": False})})
+    assert _run_key(untied, {}) != old

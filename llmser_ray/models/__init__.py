@@ -24,6 +24,8 @@ def build_model(cfg: ModelConfig, num_items: int, semantic: SemanticConfig | Non
     backbone is built first, so a seed gives it the same initial weights as a plain run.
     """
     model = BACKBONES[cfg.backbone](cfg, num_items)
+    if not cfg.tie_output:
+        model.untie_output()
     if semantic is None or not semantic.enabled:
         return model
     if text is None:

@@ -3,7 +3,8 @@
 A backbone is an ``nn.Module`` whose ``forward(seqs)`` maps LEFT-padded items ``[B, L]`` (0 =
 padding, the newest item at position ``L - 1``; ``models/batching.py``) to hidden states
 ``[B, L, D]``, and which scores items by a dot product with its own input embedding table (tied
-weights). It holds no loss: ``models/losses.py`` does, and ``training.train_step`` joins the two.
+weights; ``model.tie_output=false`` gives it a separate output table). It holds no loss:
+``models/losses.py`` does, and ``training.train_step`` joins the two.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class SeqRecModel(nn.Module):
             raise ValueError(f"num_items must be >= 1 (got {num_items})")
         self.num_items = num_items
         self.max_len = max_len
+        self.out_emb: nn.Embedding | None = None  # a separate output table (``untie_output``)
 
     def forward(self, seqs: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states ``[B, min(L, max_len), D]`` of the last ``max_len`` positions: position t
@@ -58,7 +60,17 @@ class SeqRecModel(nn.Module):
 
     def item_embeddings(self) -> torch.Tensor:
         """``[num_items + 1, D]``; row 0 is padding (the evaluator masks its column)."""
-        return self.item_emb.weight[: self.num_items + 1]
+        table = self.item_emb if self.out_emb is None else self.out_emb
+        return table.weight[: self.num_items + 1]
+
+    def untie_output(self) -> None:
+        """Score against a table of its own (``model.tie_output=false``), initialised like the
+        input table, so the losses' negatives no longer move the embeddings the model reads."""
+        d = self.item_emb.embedding_dim
+        self.out_emb = nn.Embedding(self.num_items + 1, d, padding_idx=0)
+        nn.init.normal_(self.out_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.out_emb.weight[0].zero_()
 
     def training_task(self, seqs: torch.Tensor, generator: torch.Generator | None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -459,6 +459,8 @@ def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
     payload = {s: getattr(cfg, s).model_dump(mode="json") for s in TRAIN_SECTIONS}
     for op in OPERATIONAL_TRAIN_KEYS:  # how it runs, not what it learns: changing them resumes
         payload["train"].pop(op, None)
+    if payload["model"].get("tie_output", True):  # the tied default keeps existing models' keys
+        payload["model"].pop("tie_output", None)
     # LLM-ESR's sections enter the identity only when on, so existing models keep their keys.
     for section in ("semantic", "distill"):
         if getattr(cfg, section).enabled:
