@@ -185,6 +185,21 @@ def tslrec_embed_cmd(config: ConfigOpt = None, set_: SetOpt = None, workdir: Wor
                f"(items={res.items} dim={res.dim}, {res.items_per_s:.1f} items/s)")
 
 
+@app.command("llm-embed")
+@_user_errors
+def llm_embed_cmd(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,
+                  address: AddressOpt = None, force: ForceOpt = False) -> None:
+    """One item vector per item from the base LLM's hidden states (<workdir>/llm_base_embeddings):
+    the dual view's `semantic.source=llm`; train runs it itself when that source is set."""
+    from llmser_ray.stages.llm_embed import llm_embed
+
+    cfg = _config(config, set_, workdir, address)
+    with workdir_lock(cfg.workdir_path):
+        res = llm_embed(cfg, force=force)
+    typer.echo(f"base LLM item embeddings {'up to date' if res.skipped else 'written'}: {res.path} "
+               f"(items={res.items} dim={res.dim}, {res.items_per_s:.1f} items/s)")
+
+
 @app.command()
 @_user_errors
 def neighbours(config: ConfigOpt = None, set_: SetOpt = None, workdir: WorkdirOpt = None,

@@ -369,9 +369,12 @@ class SemanticConfig(_Strict):
     """
 
     enabled: bool = False
-    # Where the item-text table comes from: "embed" = the embed stage's embeddings/ (embed.model,
-    # all-MiniLM-L6-v2 by default); produced first when missing.
-    source: Literal["embed"] = "embed"
+    # Where the item-text table comes from (docs/STAGES.md): "embed" = the embed stage's
+    # embeddings/ (embed.model, all-MiniLM-L6-v2 by default); "llm" = the llm_embed stage's
+    # llm_base_embeddings/ (the base LLM's hidden states: tslrec.model, tslrec.embed_layer,
+    # tslrec.pooling); both produced first when missing. "tslrec" = the tslrec_embed stage's
+    # llm_item_embeddings/ (the TSLRec-tuned LLM's), read only: run `llmser-ray tslrec-embed`.
+    source: Literal["embed", "llm", "tslrec"] = "embed"
     # Adapter text dim -> adapter_hidden -> model.hidden; 0 = half the text dim (the reference's d/2).
     adapter_hidden: int = Field(0, ge=0, le=65536)
     # concat: the two views' user states concatenated and scored against the concatenated item

@@ -312,3 +312,50 @@ def test_init_backbone_is_a_separate_model_and_run_key_and_pretrain_stays_plain(
     assert default_name(cfg) == "sasrec-tslrec" and default_name(plain) == "sasrec"
     assert _run_key(cfg, {}) != _run_key(plain, {})
     assert _run_key(plain_config(cfg, reverse=False), {}) == _run_key(plain_config(plain, False), {})
+
+
+def test_the_dual_view_reads_the_table_its_semantic_source_names(tmp_path: Path) -> None:
+    from llmser_ray.errors import StageError
+    from llmser_ray.stages.train import _run_key, need_semantic_table, semantic_folder
+
+    cfgs = {src: load_config(None, [f"workdir={tmp_path}", "semantic.enabled=true", f"semantic.source={src}"])
+            for src in ("embed", "llm", "tslrec")}
+    assert {src: semantic_folder(c).name for src, c in cfgs.items()} == {
+        "embed": "embeddings", "llm": "llm_base_embeddings", "tslrec": "llm_item_embeddings"}
+    assert len({_run_key(c, {}) for c in cfgs.values()}) == 3  # another table is another model
+    # TSLRec's vectors need a pretrained model and a fine-tuning: never produced inside train.
+    with pytest.raises(StageError, match="semantic.source=tslrec needs the TSLRec item embeddings"):
+        need_semantic_table(cfgs["tslrec"])
+
+
+@pytest.mark.slow
+def test_llm_embed_gives_base_llm_vectors_in_id_order_and_the_dual_view_reads_them(tmp_path: Path) -> None:
+    import ray
+    import torch
+
+    from llmser_ray.stages.llm_embed import STAGE, llm_embed, llm_embed_current
+    from llmser_ray.stages.train import semantic_table
+    from llmser_ray.stages.tslrec_embed import load_llm_item_vectors
+
+    smollm2 = _smollm2()
+    cfg = load_config(None, _stage_args(tmp_path, ["semantic.enabled=true", "semantic.source=llm",
+                                                   "tslrec.pooling=mean"]))
+    try:
+        assert not llm_embed_current(cfg)
+        res = llm_embed(cfg)  # no dataset yet: prepared first; no pretrained model needed
+        assert not res.skipped and res.items == 40 and llm_embed_current(cfg)
+        vecs = load_llm_item_vectors(tmp_path, STAGE)
+        assert vecs.shape == (41, 576) and not vecs[0].any()
+        ds = load_dataset(tmp_path / "dataset")
+        texts = lora.item_texts(ds.items_table, "auto", cfg.tslrec.title_chars)
+        model = lora.load_base_model(smollm2).eval()
+        tok = lora.load_tokenizer(smollm2)
+        ids = [1, 23, 40]
+        direct = lora.hidden_vectors(model, tok, [lora.item_prompt(i, texts) for i in ids], -1, "mean", 128)
+        direct /= np.linalg.norm(direct, axis=1, keepdims=True)
+        assert np.allclose(vecs[ids], direct, atol=1e-3)
+        assert llm_embed(cfg).skipped
+        table = semantic_table(cfg, ds)
+        assert table is not None and torch.equal(table, torch.from_numpy(vecs))
+    finally:
+        ray.shutdown()

@@ -12,8 +12,8 @@ import importlib
 
 from llmser_ray.stages.base import Stage
 
-MODULES = ("prepare", "embed", "user_neighbours", "pretrain", "tslrec_tune", "tslrec_embed", "candidates",
-           "select", "reliability", "train", "evaluate", "tune", "serve")
+MODULES = ("prepare", "embed", "llm_embed", "user_neighbours", "pretrain", "tslrec_tune", "tslrec_embed",
+           "candidates", "select", "reliability", "train", "evaluate", "tune", "serve")
 
 
 def all_stages() -> list[Stage]:

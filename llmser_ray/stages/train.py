@@ -144,10 +144,36 @@ def semantic_table(cfg: Config, ds: SeqDataset) -> torch.Tensor | None:
     from llmser_ray.models.dualview import check_text_table
     from llmser_ray.text.embed import load_item_vectors
 
-    folder = cfg.workdir_path / "embeddings"
+    folder = semantic_folder(cfg)
     vectors = load_item_vectors(folder)
     check_text_table(vectors, ds.num_items, cfg.model.hidden, cfg.semantic, str(folder))
     return torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def semantic_folder(cfg: Config) -> Path:
+    """The stage output ``semantic.source`` names: all three share the embeddings/ layout."""
+    from llmser_ray.stages import embed, llm_embed, tslrec_embed
+
+    stage = {"embed": embed.STAGE, "llm": llm_embed.STAGE, "tslrec": tslrec_embed.STAGE}[cfg.semantic.source]
+    return stage.folder(cfg.workdir_path)
+
+
+def need_semantic_table(cfg: Config) -> None:
+    """Produce the dual view's text table first when its stage can (embed, llm); TSLRec's
+    vectors need a pretrained model and a fine-tuning, so, like the augmentation, they are read
+    from disk and never produced inside a training (or a Tune trial)."""
+    source = cfg.semantic.source
+    if source == "embed":
+        from llmser_ray.stages.embed import embed_current, embed_items
+
+        needs("train", "embed", lambda: embed_current(cfg), lambda: embed_items(cfg))
+    elif source == "llm":
+        from llmser_ray.stages.llm_embed import llm_embed, llm_embed_current
+
+        needs("train", "llm_embed", lambda: llm_embed_current(cfg), lambda: llm_embed(cfg))
+    elif read_manifest(semantic_folder(cfg)) is None:
+        raise StageError(f"semantic.source=tslrec needs the TSLRec item embeddings ({semantic_folder(cfg)})",
+                         "run `llmser-ray tslrec-embed` with the same --workdir first")
 
 
 def distillation(cfg: Config, ds: SeqDataset) -> Distillation | None:
@@ -466,9 +492,10 @@ def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
         if getattr(cfg, section).enabled:
             payload[section] = getattr(cfg, section).model_dump(mode="json")
     key = f"{digest(payload)}-{dataset_manifest.get('config_digest', 'na')[:8]}"
-    for section, folder in (("semantic", "embeddings"), ("distill", "user_neighbours")):
+    upstreams = (("semantic", semantic_folder(cfg)), ("distill", cfg.workdir_path / "user_neighbours"))
+    for section, folder in upstreams:
         if getattr(cfg, section).enabled:  # new vectors or neighbours retrain
-            upstream = read_manifest(cfg.workdir_path / folder) or {}
+            upstream = read_manifest(folder) or {}
             key += f"-{str(upstream.get('config_digest', 'na'))[:8]}"
     if cfg.dual.enabled:
         from llmser_ray.augment.weights import augmentation_dir
@@ -524,10 +551,8 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
         from llmser_ray.augment.weights import load_augmentation
 
         load_augmentation(cfg, ds)
-    if cfg.semantic.enabled:  # LLM-ESR's dual view reads the embed stage's item table
-        from llmser_ray.stages.embed import embed_current, embed_items
-
-        needs("train", "embed", lambda: embed_current(cfg), lambda: embed_items(cfg))
+    if cfg.semantic.enabled:  # LLM-ESR's dual view reads an item-text table (semantic.source)
+        need_semantic_table(cfg)
         semantic_table(cfg, ds)
     if cfg.distill.enabled:  # and its self-distillation the users' neighbours
         from llmser_ray.stages.user_neighbours import neighbours_current, user_neighbours

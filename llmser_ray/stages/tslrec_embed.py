@@ -46,12 +46,13 @@ class LLMEmbedResult:
 
 
 class LLMHiddenBatch:
-    """Ray Data ``map_batches`` callable: adds ``vector`` (float32 [n, D], raw, not normalised)."""
+    """Ray Data ``map_batches`` callable: adds ``vector`` (float32 [n, D], raw, not normalised).
+    Without ``adapter_dir`` it reads the base LLM (the ``llm_embed`` stage)."""
 
-    def __init__(self, cfg: dict[str, Any], model_dir: str, adapter_dir: str) -> None:
+    def __init__(self, cfg: dict[str, Any], model_dir: str, adapter_dir: str | None) -> None:
         import torch
 
-        from llmser_ray.llm.lora import load_tokenizer, load_tuned
+        from llmser_ray.llm.lora import load_base_model, load_tokenizer, load_tuned
 
         self.cfg = TSLRecConfig.model_validate(cfg)
         os.environ["HF_HUB_OFFLINE"] = "1"  # local folders only: no hub lookups from an actor
@@ -59,7 +60,9 @@ class LLMHiddenBatch:
         self.device = "cuda" if self.cfg.embed_gpus > 0 and torch.cuda.is_available() else "cpu"
         dtype = self.cfg.dtype if self.device == "cuda" else "float32"
         self.tok = load_tokenizer(model_dir)
-        self.model = load_tuned(model_dir, adapter_dir, dtype).to(self.device)
+        model = (load_tuned(model_dir, adapter_dir, dtype) if adapter_dir
+                 else load_base_model(model_dir, dtype).eval())
+        self.model = model.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from llmser_ray.llm.lora import hidden_vectors
@@ -80,13 +83,6 @@ def embed_identity(cfg: Config, tune_key: str) -> str:
 def tslrec_embed(cfg: Config, force: bool = False) -> LLMEmbedResult:
     """Embed every item with the tuned LLM into ``<workdir>/llm_item_embeddings`` (skipped when
     current; the fine-tuning runs first, and says so, when it is missing or stale)."""
-    import pyarrow as pa
-    import ray
-
-    from llmser_ray.data.dataset import load_dataset
-    from llmser_ray.llm.generate import restartable_map_batches
-    from llmser_ray.llm.lora import item_prompt, item_texts
-    from llmser_ray.ray_utils import init_ray
     from llmser_ray.stages.tslrec_tune import tslrec_current, tslrec_tune
 
     t0 = time.perf_counter()
@@ -99,12 +95,32 @@ def tslrec_embed(cfg: Config, force: bool = False) -> LLMEmbedResult:
         return LLMEmbedResult(out, True, int(done["dim"]), int(done["counts"]["items"]),
                               float(done["seconds"]), float(done["items_per_s"]))
 
+    model_dir, adapter_dir = str(tune_manifest["model_dir"]), str(tuned.path / "adapter")
+    return embed_items_with_llm(
+        cfg, STAGE, out, key, model_dir, adapter_dir, t0,
+        model=tune_manifest.get("model"), model_fingerprint=tune_manifest.get("model_fingerprint"),
+        adapter=adapter_dir, tslrec_tune_digest=tune_manifest.get("config_digest"),
+        dataset_digest=tune_manifest.get("dataset_digest"))
+
+
+def embed_items_with_llm(cfg: Config, stage: Stage, out: Path, key: str, model_dir: str,
+                         adapter_dir: str | None, t0: float, **manifest: Any) -> LLMEmbedResult:
+    """Every item's prompt through the LLM (with the adapter, or the base model without one) on a
+    Ray Data actor pool; the unit-norm vectors published as ``stage``'s output. Shared by
+    ``tslrec_embed`` and ``llm_embed``, so the tuned and base vectors differ only by the adapter."""
+    import pyarrow as pa
+    import ray
+
+    from llmser_ray.data.dataset import load_dataset
+    from llmser_ray.llm.generate import restartable_map_batches
+    from llmser_ray.llm.lora import item_prompt, item_texts
+    from llmser_ray.ray_utils import init_ray
+
     ds = load_dataset(cfg.workdir_path / "dataset")
     texts = item_texts(ds.items_table, cfg.tslrec.item_text, cfg.tslrec.title_chars)
     n_items = ds.num_items
     ids = np.arange(1, n_items + 1, dtype=np.int64)
     table = pa.table({"item_id": ids, "prompt": [item_prompt(i, texts) for i in ids]})
-    model_dir, adapter_dir = str(tune_manifest["model_dir"]), str(tuned.path / "adapter")
     init_ray(cfg.ray)
     t = cfg.tslrec
     # As the embed stage: every actor gets work, no block over 16 batches, never more blocks than batches.
@@ -118,6 +134,7 @@ def tslrec_embed(cfg: Config, force: bool = False) -> LLMEmbedResult:
         compute=ray.data.ActorPoolStrategy(size=t.embed_actors),
         num_cpus=t.embed_cpus, num_gpus=t.embed_gpus or None,
         batch_size=None, batch_format="numpy", max_task_retries=3)
+    rerun = f"rerun `llmser-ray {stage.name.replace('_', '-')} --force`"
     vectors: np.ndarray | None = None
     seen = np.zeros(n_items + 1, dtype=bool)
     for batch in data.iter_batches(batch_format="numpy", batch_size=None):
@@ -126,12 +143,11 @@ def tslrec_embed(cfg: Config, force: bool = False) -> LLMEmbedResult:
         if vectors is None:
             vectors = np.zeros((n_items + 1, vecs.shape[1]), dtype=np.float32)
         if seen[bid].any():
-            raise StageError("an item was embedded twice", "rerun `llmser-ray tslrec-embed --force`")
+            raise StageError("an item was embedded twice", rerun)
         seen[bid] = True
         vectors[bid] = vecs
     if vectors is None or not seen[1:].all():
-        raise StageError(f"the LLM embedding missed {int((~seen[1:]).sum())} items",
-                         "rerun `llmser-ray tslrec-embed --force`")
+        raise StageError(f"the LLM embedding missed {int((~seen[1:]).sum())} items", rerun)
     embed_s = time.perf_counter() - t_embed
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     vectors = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
@@ -139,23 +155,20 @@ def tslrec_embed(cfg: Config, force: bool = False) -> LLMEmbedResult:
 
     from safetensors.numpy import save_file
 
-    with STAGE.publish(out, key, model=tune_manifest.get("model"), model_dir=model_dir,
-                       model_fingerprint=tune_manifest.get("model_fingerprint"),
-                       adapter=adapter_dir, tslrec_tune_digest=tune_manifest.get("config_digest"),
-                       layer=t.embed_layer, pooling=t.pooling, dim=int(vectors.shape[1]),
-                       dataset_digest=tune_manifest.get("dataset_digest"),
-                       counts={"items": n_items}, seconds=seconds, embed_seconds=embed_s,
-                       items_per_s=n_items / max(embed_s, 1e-9)) as pub:
+    with stage.publish(out, key, model_dir=model_dir, layer=t.embed_layer, pooling=t.pooling,
+                       dim=int(vectors.shape[1]), counts={"items": n_items}, seconds=seconds,
+                       embed_seconds=embed_s, items_per_s=n_items / max(embed_s, 1e-9), **manifest) as pub:
         save_file({"vectors": vectors}, str(pub.dir / VECTORS_FILE))
     return LLMEmbedResult(out, False, int(vectors.shape[1]), n_items, seconds, n_items / max(embed_s, 1e-9))
 
 
-def load_llm_item_vectors(workdir: str | Path) -> np.ndarray:
-    """The ``[num_items + 1, D]`` TSLRec item matrix of a workdir (row 0 zeros)."""
-    path = Path(workdir).expanduser() / STAGE.output / VECTORS_FILE
+def load_llm_item_vectors(workdir: str | Path, stage: Stage = STAGE) -> np.ndarray:
+    """The ``[num_items + 1, D]`` LLM item matrix of a workdir (row 0 zeros): TSLRec's tuned
+    vectors, or ``stage``'s (``llm_embed.STAGE``: the base LLM's)."""
+    path = Path(workdir).expanduser() / stage.output / VECTORS_FILE
     if not path.is_file():
-        raise StageError(f"no TSLRec item embeddings in {path.parent}",
-                         "run `llmser-ray tslrec-embed` with the same --workdir")
+        raise StageError(f"no {stage.name} item embeddings in {path.parent}",
+                         f"run `llmser-ray {stage.name.replace('_', '-')}` with the same --workdir")
     from safetensors.numpy import load_file
 
     return load_file(str(path))["vectors"]
