@@ -27,6 +27,7 @@ process ends, so a restarted actor claims them again) and binds there; measured 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import math
@@ -34,6 +35,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -183,13 +185,19 @@ class VLLMBatch(ReplyBatch):
             structured_outputs=StructuredOutputsParams(**structured) if structured else None,
         )
 
-    def _chat(self, messages: list[list[dict[str, str]]], params: list[Any]) -> list[Reply]:
-        llm = self._engine()
+    @contextlib.contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """Marks a call waiting on the engine, the only time the watcher checks its processes."""
         self._busy = True
         try:
-            outs = llm.chat(messages, params, use_tqdm=False)
+            yield
         finally:
             self._busy = False
+
+    def _chat(self, messages: list[list[dict[str, str]]], params: list[Any]) -> list[Reply]:
+        llm = self._engine()
+        with self._waiting():
+            outs = llm.chat(messages, params, use_tqdm=False)
         replies = []
         for o in outs:
             c = o.outputs[0] if o.outputs else None
@@ -220,11 +228,8 @@ class VLLMBatch(ReplyBatch):
             prompts.append({"prompt_token_ids": list(prefix) + list(cont)})
             spans.append((len(prefix), len(cont)))
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-        self._busy = True
-        try:
+        with self._waiting():
             outs = llm.generate(prompts, params, use_tqdm=False)
-        finally:
-            self._busy = False
         replies = []
         for o, (start, n) in zip(outs, spans, strict=True):
             lps = o.prompt_logprobs or []
