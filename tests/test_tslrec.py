@@ -202,6 +202,17 @@ def _stage_args(wd: Path, extra: list[str] | None = None) -> list[str]:
     return [f"workdir={wd}", *SYNTH, *PRETRAIN, *TINY, *(extra or [])]
 
 
+def _assert_rows_are_the_items(vecs: np.ndarray, wd: Path, cfg, model, smollm2: str, ids: list[int],
+                               pooling: str) -> None:
+    """Rows ``ids`` of a stage's output equal those items' vectors computed directly."""
+    ds = load_dataset(wd / "dataset")
+    texts = lora.item_texts(ds.items_table, "auto", cfg.tslrec.title_chars)
+    prompts = [lora.item_prompt(i, texts) for i in ids]
+    direct = lora.hidden_vectors(model, lora.load_tokenizer(smollm2), prompts, -1, pooling, 128)
+    direct /= np.linalg.norm(direct, axis=1, keepdims=True)
+    assert np.allclose(vecs[ids], direct, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_stages_fine_tune_then_embed_every_item_in_id_order(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
@@ -229,14 +240,8 @@ def test_stages_fine_tune_then_embed_every_item_in_id_order(tmp_path: Path) -> N
         assert vecs.shape == (41, 576) and emb.items == 40 and not vecs[0].any()
         assert np.allclose(np.linalg.norm(vecs[1:], axis=1), 1.0, atol=1e-4)
         # Row i is item i: recompute three items directly with the tuned model.
-        ds = load_dataset(tmp_path / "dataset")
-        texts = lora.item_texts(ds.items_table, "auto", cfg.tslrec.title_chars)
-        model = lora.load_tuned(smollm2, res.path / "adapter")
-        tok = lora.load_tokenizer(smollm2)
-        ids = [1, 17, 40]
-        direct = lora.hidden_vectors(model, tok, [lora.item_prompt(i, texts) for i in ids], -1, "last", 128)
-        direct /= np.linalg.norm(direct, axis=1, keepdims=True)
-        assert np.allclose(vecs[ids], direct, atol=1e-3)
+        _assert_rows_are_the_items(vecs, tmp_path, cfg, lora.load_tuned(smollm2, res.path / "adapter"),
+                                   smollm2, [1, 17, 40], "last")
         assert tslrec_embed(cfg).skipped
     finally:
         ray.shutdown()
@@ -346,16 +351,10 @@ def test_llm_embed_gives_base_llm_vectors_in_id_order_and_the_dual_view_reads_th
         assert not res.skipped and res.items == 40 and llm_embed_current(cfg)
         vecs = load_llm_item_vectors(tmp_path, STAGE)
         assert vecs.shape == (41, 576) and not vecs[0].any()
-        ds = load_dataset(tmp_path / "dataset")
-        texts = lora.item_texts(ds.items_table, "auto", cfg.tslrec.title_chars)
-        model = lora.load_base_model(smollm2).eval()
-        tok = lora.load_tokenizer(smollm2)
-        ids = [1, 23, 40]
-        direct = lora.hidden_vectors(model, tok, [lora.item_prompt(i, texts) for i in ids], -1, "mean", 128)
-        direct /= np.linalg.norm(direct, axis=1, keepdims=True)
-        assert np.allclose(vecs[ids], direct, atol=1e-3)
+        _assert_rows_are_the_items(vecs, tmp_path, cfg, lora.load_base_model(smollm2).eval(), smollm2,
+                                   [1, 23, 40], "mean")
         assert llm_embed(cfg).skipped
-        table = semantic_table(cfg, ds)
+        table = semantic_table(cfg, load_dataset(tmp_path / "dataset"))
         assert table is not None and torch.equal(table, torch.from_numpy(vecs))
     finally:
         ray.shutdown()
