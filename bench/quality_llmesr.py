@@ -89,7 +89,32 @@ def main() -> None:
     out = {"settings": json.loads(args.settings), "run_info": info, "runs": runs, "mean": mean,
            "welch_t_ndcg@10": welch}
     Path(args.out).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
-    print(json.dumps(mean["full"], indent=1))
+    print(markdown(mean, welch, {arm: len(names) for arm, names in arms.items()}))
+
+
+def markdown(mean: dict[str, Any], welch: dict[str, Any], seeds: dict[str, int]) -> str:
+    """The docs/RESULTS.md tables: mean +- sd per arm and group, the change against the
+    baseline's mean in brackets, then Welch's t of NDCG@10 against the baseline."""
+    lines = []
+    for protocol in ("full", "sampled"):
+        base = mean[protocol].get("baseline")
+        header = "| arm | seeds | metric | " + " | ".join(GROUPS) + " |"
+        lines += ["", f"**{protocol}**", "", header, "|---|---|---|" + "---|" * len(GROUPS)]
+        for k in METRICS:
+            for arm, groups in mean[protocol].items():
+                cells = []
+                for g in GROUPS:
+                    m, sd = groups[g][k]
+                    cell = f"{m:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+                    if base is not None and arm != "baseline":
+                        cell += f" ({100 * (m / base[g][k][0] - 1):+.1f}%)"
+                    cells.append(cell)
+                lines.append(f"| {arm} | {seeds[arm]} | {k.upper()} | " + " | ".join(cells) + " |")
+        for arm, t in welch[protocol].items():
+            lines.append("")
+            lines.append(f"Welch t of NDCG@10, {arm} vs baseline ({protocol}): "
+                         + ", ".join(f"{g} {v:+.1f}" for g, v in t.items() if v is not None))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
