@@ -15,6 +15,8 @@ def ray_local():
     from llmser_ray.ray_utils import loopback_node
 
     with loopback_node():
-        ray.init(num_cpus=4, include_dashboard=False)
+        # address="local" as init_ray: a plain ray.init() joins a `ray start` cluster running on
+        # the machine (an engineer's experiments) and then fails on num_cpus.
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
