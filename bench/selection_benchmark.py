@@ -210,7 +210,9 @@ def tune_fusion(cfg: Config, pools: dict[int, list[int]], truth: dict[int, list[
     return {"best_weight": float(best.config["w"]), "tune_split_recall@12": table}
 
 
-def main() -> None:
+def arg_parser() -> argparse.ArgumentParser:
+    """The benchmark's options; bench/selection_consistency.py parses the same ones, so one set of
+    flags names one simulated data set, its candidates and its splits."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/selbench")
     p.add_argument("--data", default=str(BEAUTY))
@@ -229,7 +231,11 @@ def main() -> None:
     p.add_argument("--out", default="docs/selection_beauty.json")
     p.add_argument("--reuse", default="", help="selectors whose kept results (results/<name>.parquet and "
                    ".summary.json) are reported without rerunning them")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = arg_parser().parse_args()
     out = Path(args.workdir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

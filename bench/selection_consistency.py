@@ -2,16 +2,17 @@
 does the FORWARD model's likelihood of a user's visible history with a candidate as its
 predecessor, ``log p_fwd(h_1..h_m | c, ...)``, add signal to the reverse model's order?
 
-Runs on a finished ``bench/selection_benchmark.py`` workdir (the same simulated users, truth and
-candidate pool; the same arguments), trains the forward model on the truncated data set with the
-product's pretrain stage, scores every candidate, fuses it with the collaborative score by
-z-scores (weight chosen on the benchmark's tune split) and prints recall@12 with intervals.
+Runs on a finished ``bench/selection_benchmark.py`` workdir with the benchmark's own arguments
+(the same flags give the same simulated users, truth, candidate pool and splits), trains the
+forward model on the truncated data set with the product's pretrain stage, scores every
+candidate, fuses it with the collaborative score by z-scores (weight chosen on the benchmark's
+tune split) and prints recall@12 with intervals.
 
-    PYTHONPATH=. .venv/bin/python bench/selection_consistency.py --workdir ../runs18/selbench50 \
-        --set augment.num_candidates=50 --out ../runs18/consistency.json
+    PYTHONPATH=. .venv/bin/python bench/selection_consistency.py --workdir ../runs18/selbench50 \\
+        --epochs 40 --patience 5 --threads 1 --set augment.num_candidates=50 \\
+        --out ../runs18/consistency.json
 """
 
-import argparse
 import json
 import sys
 import time
@@ -29,21 +30,12 @@ from llmser_ray.models.checkpoint import load_trained  # noqa: E402
 from llmser_ray.stages.pretrain import forward_model  # noqa: E402
 
 torch.set_num_threads(1)
-ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-ap.add_argument("--workdir", required=True)
-ap.add_argument("--data", default=str(sb.BEAUTY))
-ap.add_argument("--users", type=int, default=1000)
-ap.add_argument("--prior", type=int, default=12)
-ap.add_argument("--min-prior", type=int, default=3)
-ap.add_argument("--tail-threshold", type=int, default=9)
-ap.add_argument("--max-len", type=int, default=50)
-ap.add_argument("--epochs", type=int, default=40)
-ap.add_argument("--patience", type=int, default=5)
-ap.add_argument("--threads", type=int, default=1)
-ap.add_argument("--seed", type=int, default=0)
-ap.add_argument("--set", action="append", default=[])
-ap.add_argument("--out", required=True)
+ap = sb.arg_parser()  # the benchmark's own options: the same flags give the same users and pool
+ap.description = __doc__.split("\n")[0]
+ap.set_defaults(out=None)
 args = ap.parse_args()
+if not args.out:
+    ap.error("--out is required (a JSON path for this script's result)")
 out = Path(args.workdir)
 sim = sb.build_truncated(args, out)
 cfg, users, truth = sim["cfg"], sim["users"], sim["truth"]
