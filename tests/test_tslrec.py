@@ -321,7 +321,7 @@ def test_init_backbone_is_a_separate_model_and_run_key_and_pretrain_stays_plain(
 
 def test_the_dual_view_reads_the_table_its_semantic_source_names(tmp_path: Path) -> None:
     from llmser_ray.errors import StageError
-    from llmser_ray.stages.train import _run_key, need_semantic_table, semantic_folder
+    from llmser_ray.stages.train import _run_key, need_semantic_table, semantic_folder, tslrec_vectors
 
     cfgs = {src: load_config(None, [f"workdir={tmp_path}", "semantic.enabled=true", f"semantic.source={src}"])
             for src in ("embed", "llm", "tslrec")}
@@ -331,6 +331,8 @@ def test_the_dual_view_reads_the_table_its_semantic_source_names(tmp_path: Path)
     # TSLRec's vectors need a pretrained model and a fine-tuning: never produced inside train.
     with pytest.raises(StageError, match="semantic.source=tslrec needs the TSLRec item embeddings"):
         need_semantic_table(cfgs["tslrec"])
+    with pytest.raises(StageError, match="tslrec.init_backbone needs the TSLRec item embeddings"):
+        tslrec_vectors(cfgs["tslrec"], "tslrec.init_backbone")  # the item-table initialisation's check
 
 
 @pytest.mark.slow

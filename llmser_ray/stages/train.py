@@ -160,8 +160,7 @@ def semantic_folder(cfg: Config) -> Path:
 
 def need_semantic_table(cfg: Config) -> None:
     """Produce the dual view's text table first when its stage can (embed, llm); TSLRec's
-    vectors need a pretrained model and a fine-tuning, so, like the augmentation, they are read
-    from disk and never produced inside a training (or a Tune trial)."""
+    vectors are only read (``tslrec_vectors``)."""
     source = cfg.semantic.source
     if source == "embed":
         from llmser_ray.stages.embed import embed_current, embed_items
@@ -171,9 +170,22 @@ def need_semantic_table(cfg: Config) -> None:
         from llmser_ray.stages.llm_embed import llm_embed, llm_embed_current
 
         needs("train", "llm_embed", lambda: llm_embed_current(cfg), lambda: llm_embed(cfg))
-    elif read_manifest(semantic_folder(cfg)) is None:
-        raise StageError(f"semantic.source=tslrec needs the TSLRec item embeddings ({semantic_folder(cfg)})",
+    else:
+        tslrec_vectors(cfg, "semantic.source=tslrec")
+
+
+def tslrec_vectors(cfg: Config, needed_by: str) -> Path:
+    """TSLRec's item vectors file, which train reads (``needed_by``: the dual view's table or the
+    item-table initialisation) but, like the augmentation, never produces: they need a pretrained
+    model and a fine-tuning, which must not run inside a training or a Tune trial."""
+    from llmser_ray.stages.tslrec_embed import STAGE as TSLREC_EMBED
+    from llmser_ray.stages.tslrec_embed import VECTORS_FILE
+
+    path = TSLREC_EMBED.folder(cfg.workdir_path) / VECTORS_FILE
+    if not path.is_file():
+        raise StageError(f"{needed_by} needs the TSLRec item embeddings ({path})",
                          "run `llmser-ray tslrec-embed` with the same --workdir first")
+    return path
 
 
 def distillation(cfg: Config, ds: SeqDataset) -> Distillation | None:
@@ -564,14 +576,8 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
     if cfg.tslrec.init_backbone and cfg.semantic.enabled:
         raise ConfigError("tslrec.init_backbone and semantic.enabled both set the item table",
                           "use one: the dual view's collaborative table is initialised from its own PCA")
-    if cfg.tslrec.init_backbone:  # as the augmentation: read from disk, never produced inside a trial
-        from llmser_ray.stages.tslrec_embed import STAGE as TSLREC_EMBED
-        from llmser_ray.stages.tslrec_embed import VECTORS_FILE
-
-        item_vectors = TSLREC_EMBED.folder(cfg.workdir_path) / VECTORS_FILE
-        if not item_vectors.is_file():
-            raise StageError(f"tslrec.init_backbone needs the TSLRec item embeddings ({item_vectors})",
-                             "run `llmser-ray tslrec-embed` with the same --workdir first")
+    if cfg.tslrec.init_backbone:
+        item_vectors = tslrec_vectors(cfg, "tslrec.init_backbone")
     out = out_dir or model_dir(cfg, name)
     key = _run_key(cfg, ds.manifest)
     metrics = None if force else _finished(out, key)
