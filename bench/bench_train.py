@@ -190,7 +190,7 @@ def main() -> None:
     load_before = load()
     base = [*beauty_sets(args.workdir), f"train.epochs={args.epochs}", f"train.patience={args.epochs + 1}",
             f"train.cpus_per_worker={args.threads}", f"train.torch_threads={args.threads}",
-            "ray.include_dashboard=false"]
+            "ray.include_dashboard=false", "semantic.enabled=false"]  # Ray's overhead on the plain loop
     cfg = load_config(None, base)
     prepare(cfg)
 

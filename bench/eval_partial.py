@@ -20,7 +20,7 @@ from llmser_ray.config import load_config
 from llmser_ray.data.dataset import load_dataset
 from llmser_ray.models import build_model
 from llmser_ray.stages.evaluate import evaluate_splits
-from llmser_ray.stages.train import semantic_table
+from llmser_ray.stages.train import resolve_semantic, semantic_table
 
 
 def main() -> None:
@@ -33,6 +33,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(args.config, args.set)
     ds = load_dataset(cfg.workdir_path / "dataset")
+    cfg = resolve_semantic(cfg, ds.manifest)[0]  # as train decides semantic.enabled=auto
     states = sorted(Path(args.model_dir, "ray").glob("run-*/checkpoint_*/state.json"),
                     key=lambda p: json.loads(p.read_text())["epoch"])
     if not states:

@@ -55,6 +55,7 @@ def config(args: argparse.Namespace, seed: int, extra: list[str] | None = None) 
     return load_config(None, [
         *beauty_sets(args.workdir, args.data),
         "data.tail_user_threshold=9", "model.backbone=sasrec",
+        "semantic.enabled=false",  # the same-code plain baseline LLMSeR's arms are compared with
         *([f"model.max_len={args.max_len}"] if args.max_len else []),
         f"train.epochs={args.epochs}", f"train.patience={args.patience}", f"train.seed={seed}",
         "train.torch_threads=1", f"dual.num_pseudo={args.num_pseudo}", f"dual.beta={args.beta}",

@@ -74,6 +74,7 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
         *beauty_sets(args.workdir, args.data),
         f"train.epochs={args.epochs}", f"train.torch_threads={args.threads}",
         f"train.cpus_per_worker={args.cpus_per_worker}", "ray.include_dashboard=false",
+        "semantic.enabled=false",  # the plain backbones; the dual view is quality_llmesr's arm
         *([f"ray.address={args.address}"] if args.address else []),
     ]
 

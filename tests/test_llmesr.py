@@ -18,7 +18,7 @@ from llmser_ray.models.batching import training_batch
 from llmser_ray.models.checkpoint import load_trained, write_trained
 from llmser_ray.models.dualview import DualView, check_text_table, pca_projection
 from llmser_ray.models.losses import Distillation, Objective
-from llmser_ray.stages.train import LossModule, _run_key, default_name, step_loss
+from llmser_ray.stages.train import LossModule, _run_key, default_name, resolve_semantic, step_loss
 from llmser_ray.stages.user_neighbours import nearest_users
 
 NUM_ITEMS, TEXT_DIM = 30, 24
@@ -198,11 +198,15 @@ def test_config_sections_and_run_key() -> None:
     with pytest.raises(ConfigError, match="distill.k"):
         load_config(overrides=["distill.k=20", "distill.retrieve=10"])
     cfg = Config()
-    assert not cfg.semantic.enabled and not cfg.distill.enabled  # off until measured better
+    # The dual view is decided against the data (test_semantic_auto_...); distillation is off.
+    assert cfg.semantic.enabled == "auto" and not cfg.distill.enabled
+    with pytest.raises(RuntimeError, match="resolved"):  # never silently read as on or off
+        default_name(cfg)
+    cfg = cfg.model_copy(update={"semantic": SemanticConfig(enabled=False)})
     manifest = {"config_digest": "d" * 16}
     plain = _run_key(cfg, manifest)
     on = cfg.model_copy(update={"semantic": SemanticConfig(enabled=True)})
-    assert _run_key(cfg.model_copy(update={"semantic": SemanticConfig(adapter_hidden=7)}),
+    assert _run_key(cfg.model_copy(update={"semantic": SemanticConfig(enabled=False, adapter_hidden=7)}),
                     manifest) == plain  # a disabled section does not change existing keys
     assert _run_key(on, manifest) != plain
     assert default_name(on) == "sasrec-dualview"
@@ -269,3 +273,58 @@ def test_serving_loads_the_dual_view_and_scores_a_cold_item_from_its_text(tmp_pa
         h = model.user_repr(seqs)[0]
         semantic_part = float(h[16:] @ model.item_embeddings()[cold, 16:])
     assert scores[cold] == pytest.approx(semantic_part, abs=1e-5) and semantic_part != 0
+
+
+ALL_TEXT = {"counts": {"items": 30, "items_with_text": 30}}
+
+
+@pytest.mark.parametrize(("sets", "manifest", "on", "why"), [
+    ([], ALL_TEXT, True, "dual view on"),
+    (["model.backbone=gru4rec"], ALL_TEXT, False, "measured for sasrec only"),
+    (["model.backbone=bert4rec"], ALL_TEXT, False, "measured for sasrec only"),
+    (["train.reverse=true"], ALL_TEXT, False, "reverse"),
+    (["dual.enabled=true"], ALL_TEXT, False, "dual-channel"),
+    (["tslrec.init_backbone=true"], ALL_TEXT, False, "tslrec.init_backbone"),
+    ([], {"counts": {"items": 30, "items_with_text": 0}}, False, "no item text"),
+    ([], {"counts": {"items": 30, "items_with_text": 29}}, False, "1 of 30 items have no text"),
+    ([], {}, False, "no item text"),
+])
+def test_semantic_auto_follows_what_was_measured(sets: list[str], manifest: dict, on: bool, why: str) -> None:
+    """The default turns the dual view on exactly where it was measured better (SASRec trained
+    by itself on data whose every item has text) and says why either way; an explicit value is
+    never overridden."""
+    cfg, reason = resolve_semantic(load_config(None, sets), manifest)
+    assert cfg.semantic.enabled is on and why in reason and "\n" not in reason
+    assert default_name(cfg).endswith("-dualview") is on
+    for forced in (True, False):
+        explicit = load_config(None, [*sets, f"semantic.enabled={str(forced).lower()}"])
+        assert resolve_semantic(explicit, manifest) == (explicit, None)
+
+
+def test_default_train_is_the_dual_view_on_data_with_text(ray_local, tmp_path: Path) -> None:
+    """A newcomer's `train` on a catalogue with item text gets the measured best, LLM-ESR's dual
+    view (the embed stage runs first), under its own name; the same data without text trains the
+    plain backbone. Real Ray Train, the bundled MiniLM."""
+    from llmser_ray.data.dataset import load_dataset
+    from llmser_ray.stages.prepare import prepare
+    from llmser_ray.stages.train import finished_metrics, train
+
+    small = ["data.synthetic.n_users=60", "data.synthetic.n_items=40", "model.hidden=16",
+             "model.max_len=8", "train.epochs=1", "train.torch_threads=1", "ray.num_cpus=4",
+             "ray.include_dashboard=false"]
+    cfg = load_config(None, [f"workdir={tmp_path / 'text'}", *small])
+    res = train(cfg)
+    assert res.model_dir.name == "sasrec-dualview" and (tmp_path / "text" / "embeddings").is_dir()
+    model, meta = load_trained(res.model_dir)
+    assert isinstance(model, DualView) and meta["semantic"]["enabled"] is True
+    assert finished_metrics(cfg, res.model_dir) is not None  # the unresolved config finds it
+
+    seqs = tmp_path / "no_text.txt"  # S3-Rec lines, no item file: ids only (like Sports)
+    seqs.write_text("".join(f"{u} " + " ".join(str(1 + (u + j) % 7) for j in range(6)) + "\n"
+                            for u in range(1, 13)))
+    bare = load_config(None, [f"workdir={tmp_path / 'bare'}", "data.source=s3rec",
+                              f"data.path={seqs}", *small])
+    prepare(bare)
+    manifest = load_dataset(tmp_path / "bare" / "dataset").manifest
+    resolved, why = resolve_semantic(bare, manifest)
+    assert resolved.semantic.enabled is False and "no item text" in why

@@ -281,11 +281,11 @@ def test_reference_sasrec_is_never_bucketed() -> None:
 
 def test_the_tied_default_keeps_existing_training_keys() -> None:
     """Models trained before ``model.tie_output`` existed stay current; untying retrains."""
-    from llmser_ray.config import Config
+    from llmser_ray.config import Config, SemanticConfig
     from llmser_ray.stages.base import digest
     from llmser_ray.stages.train import OPERATIONAL_TRAIN_KEYS, TRAIN_SECTIONS, _run_key
 
-    cfg = Config()
+    cfg = Config(semantic=SemanticConfig(enabled=False))  # the plain backbone, as resolved
     payload = {s: getattr(cfg, s).model_dump(mode="json") for s in TRAIN_SECTIONS}
     del payload["model"]["tie_output"]
     for op in OPERATIONAL_TRAIN_KEYS:

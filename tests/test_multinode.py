@@ -41,7 +41,7 @@ SMALL = [
     "data.source=synthetic", "data.synthetic.n_users=3000", "data.synthetic.n_items=500",
     "data.tail_user_threshold=6", "model.hidden=32", "model.max_len=30", "model.dropout=0.2",
     "train.batch_size=256", "train.num_workers=2", "train.cpus_per_worker=1", "train.torch_threads=1",
-    "train.patience=50",
+    "train.patience=50", "semantic.enabled=false",
 ]
 WORKER_NODES = 2
 

@@ -47,7 +47,7 @@ pytestmark = pytest.mark.timeout(1800)
 
 SMALL = ["model.hidden=16", "model.max_len=20", "model.dropout=0.2", "train.batch_size=256",
          "train.epochs=1", "train.cpus_per_worker=1", "train.torch_threads=2",
-         "ray.num_cpus=4", "ray.include_dashboard=false"]
+         "ray.num_cpus=4", "ray.include_dashboard=false", "semantic.enabled=false"]
 
 
 def _with(cfg: Config, *overrides: str) -> Config:

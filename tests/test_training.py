@@ -30,6 +30,7 @@ SMALL = [
     "model.hidden=32", "model.max_len=20", "model.dropout=0.2",
     "train.batch_size=256", "train.cpus_per_worker=1", "train.torch_threads=2",
     "ray.num_cpus=4", "ray.include_dashboard=false",
+    "semantic.enabled=false",  # the plain backbone; the default dual view: test_llmesr
 ]
 
 

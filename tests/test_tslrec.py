@@ -30,7 +30,8 @@ TINY = ["tslrec.n_categories=4", "tslrec.max_users=16", "tslrec.eval_users=8", "
         "tslrec.batch_size=2", "tslrec.item_batch_size=2", "tslrec.prompt_history=5",
         "tslrec.max_prompt_tokens=128", "tslrec.eval_batch_size=8", "tslrec.embed_batch_size=16"]
 PRETRAIN = ["model.hidden=16", "model.max_len=10", "train.epochs=1", "train.batch_size=64",
-            "train.torch_threads=1", "ray.num_cpus=4", "ray.include_dashboard=false"]
+            "train.torch_threads=1", "ray.num_cpus=4", "ray.include_dashboard=false",
+            "semantic.enabled=false"]
 
 
 def _smollm2() -> str:
@@ -310,10 +311,13 @@ def test_backbone_item_table_initialised_from_llm_vectors() -> None:
 
 def test_init_backbone_is_a_separate_model_and_run_key_and_pretrain_stays_plain(tmp_path: Path) -> None:
     from llmser_ray.stages.pretrain import plain_config
-    from llmser_ray.stages.train import _run_key, default_name
+    from llmser_ray.stages.train import _run_key, default_name, resolve_semantic
 
     cfg = load_config(None, [f"workdir={tmp_path}", "tslrec.init_backbone=true"])
-    plain = load_config(None, [f"workdir={tmp_path}"])
+    plain = load_config(None, [f"workdir={tmp_path}", "semantic.enabled=false"])
+    text = {"counts": {"items": 30, "items_with_text": 30}}
+    assert resolve_semantic(cfg, text)[0].semantic.enabled is False  # auto: the two never meet
+    cfg = resolve_semantic(cfg, text)[0]
     assert default_name(cfg) == "sasrec-tslrec" and default_name(plain) == "sasrec"
     assert _run_key(cfg, {}) != _run_key(plain, {})
     assert _run_key(plain_config(cfg, reverse=False), {}) == _run_key(plain_config(plain, False), {})

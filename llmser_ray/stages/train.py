@@ -40,7 +40,7 @@ from llmser_ray.models.base import SeqRecModel
 from llmser_ray.models.batching import TrainBatch, by_length, training_batch
 from llmser_ray.models.checkpoint import write_trained
 from llmser_ray.models.losses import Distillation, Objective
-from llmser_ray.stages.base import Stage, digest, needs
+from llmser_ray.stages.base import Stage, digest, needs, say
 from llmser_ray.stages.evaluate import evaluate_splits, split_groups
 from llmser_ray.stages.prepare import need_dataset
 
@@ -134,12 +134,43 @@ class TrainingData:
                    val_inputs, val_targets, val_seen, np.asarray(keep, dtype=np.int64) + 1)
 
 
+def resolve_semantic(cfg: Config, dataset_manifest: dict[str, Any]) -> tuple[Config, str | None]:
+    """``cfg`` with ``semantic.enabled="auto"`` decided (config.py says the rule), and why, for the
+    console; an explicit true/false passes through with no reason. The rule follows what was
+    measured: the dual view beat the plain backbone for SASRec on Beauty (3 seeds), and nothing
+    else has been measured, so everything else keeps the setting it was measured with."""
+    if cfg.semantic.enabled != "auto":
+        return cfg, None
+    counts = dataset_manifest.get("counts", {})
+    items, with_text = int(counts.get("items", 0)), int(counts.get("items_with_text", 0))
+    off = (f"{cfg.model.backbone} (measured for sasrec only)" if cfg.model.backbone != "sasrec"
+           else "the reverse candidate model" if cfg.train.reverse
+           else "LLMSeR's dual-channel training (not measured with it)" if cfg.dual.enabled
+           else "tslrec.init_backbone" if cfg.tslrec.init_backbone
+           else "the dataset records no item text" if not with_text
+           else f"{items - with_text} of {items} items have no text" if with_text < items
+           else None)
+    on = off is None
+    why = ("semantic.enabled=auto: dual view on (every item has text; "
+           "semantic.enabled=false for the plain backbone)" if on
+           else f"semantic.enabled=auto: dual view off: {off}")
+    return cfg.model_copy(update={"semantic": cfg.semantic.model_copy(update={"enabled": on})}), why
+
+
+def semantic_on(cfg: Config) -> bool:
+    """Whether the dual view is on; an unresolved "auto" is a bug of the caller, never read as on."""
+    if cfg.semantic.enabled == "auto":
+        raise RuntimeError("semantic.enabled=auto must be resolved against the dataset first "
+                           "(stages/train.py resolve_semantic)")
+    return bool(cfg.semantic.enabled)
+
+
 def semantic_table(cfg: Config, ds: SeqDataset) -> torch.Tensor | None:
     """The dual view's item-text table ``[num_items + 1, dim]`` from the embed stage, checked
     against the dataset and the config (``dualview.check_text_table``); None when
     ``semantic.enabled`` is off. Read by the driver first, so a bad table fails there, in one
     line, and not inside a Ray worker."""
-    if not cfg.semantic.enabled:
+    if not semantic_on(cfg):
         return None
     from llmser_ray.models.dualview import check_text_table
     from llmser_ray.text.embed import load_item_vectors
@@ -485,9 +516,10 @@ def default_name(cfg: Config) -> str:
     name = cfg.model.backbone
     if cfg.dual.enabled:
         name += f"-{'llmser' if cfg.dual.pseudo_source == 'llm' else 'candidates'}"
-    if cfg.semantic.enabled or cfg.distill.enabled:
-        name += ("-llmesr" if cfg.semantic.enabled and cfg.distill.enabled
-                 else "-dualview" if cfg.semantic.enabled else "-distill")
+    semantic = semantic_on(cfg)
+    if semantic or cfg.distill.enabled:
+        name += ("-llmesr" if semantic and cfg.distill.enabled
+                 else "-dualview" if semantic else "-distill")
     return name + ("-tslrec" if cfg.tslrec.init_backbone else "")  # item table initialised by TSLRec
 
 
@@ -500,13 +532,14 @@ def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
     if payload["model"].get("tie_output", True):  # the tied default keeps existing models' keys
         payload["model"].pop("tie_output", None)
     # LLM-ESR's sections enter the identity only when on, so existing models keep their keys.
+    on = {"semantic": semantic_on(cfg), "distill": cfg.distill.enabled}
     for section in ("semantic", "distill"):
-        if getattr(cfg, section).enabled:
+        if on[section]:
             payload[section] = getattr(cfg, section).model_dump(mode="json")
     key = f"{digest(payload)}-{dataset_manifest.get('config_digest', 'na')[:8]}"
     upstreams = (("semantic", semantic_folder(cfg)), ("distill", cfg.workdir_path / "user_neighbours"))
     for section, folder in upstreams:
-        if getattr(cfg, section).enabled:  # new vectors or neighbours retrain
+        if on[section]:  # new vectors or neighbours retrain
             upstream = read_manifest(folder) or {}
             key += f"-{str(upstream.get('config_digest', 'na'))[:8]}"
     if cfg.dual.enabled:
@@ -535,7 +568,9 @@ def finished_metrics(cfg: Config, folder: str | Path) -> dict[str, Any] | None:
     key: config, dataset and augmentation), else None. A model left by another config is stale:
     reporting it as this config's result would mislabel a table."""
     dataset = read_manifest(cfg.workdir_path / "dataset")
-    return None if dataset is None else _finished(Path(folder), _run_key(cfg, dataset))
+    if dataset is None:
+        return None
+    return _finished(Path(folder), _run_key(resolve_semantic(cfg, dataset)[0], dataset))
 
 
 def train(cfg: Config, name: str | None = None, force: bool = False,
@@ -555,15 +590,18 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
 
     from llmser_ray.ray_utils import init_ray
 
-    name = name or default_name(cfg)
     dataset_dir = cfg.workdir_path / "dataset"
     need_dataset(cfg, "train")
     ds = load_dataset(dataset_dir)
+    cfg, why = resolve_semantic(cfg, ds.manifest)
+    if why and out_dir is None:  # Tune's trials would repeat it once per trial
+        say("train", why)
+    name = name or default_name(cfg)
     if cfg.dual.enabled:  # fail here, with the fix, rather than inside a Ray worker
         from llmser_ray.augment.weights import load_augmentation
 
         load_augmentation(cfg, ds)
-    if cfg.semantic.enabled:  # LLM-ESR's dual view reads an item-text table (semantic.source)
+    if semantic_on(cfg):  # LLM-ESR's dual view reads an item-text table (semantic.source)
         need_semantic_table(cfg)
         semantic_table(cfg, ds)
     if cfg.distill.enabled:  # and its self-distillation the users' neighbours
@@ -573,7 +611,7 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
               lambda: user_neighbours(cfg))
         distillation(cfg, ds)
     item_vectors = None
-    if cfg.tslrec.init_backbone and cfg.semantic.enabled:
+    if cfg.tslrec.init_backbone and semantic_on(cfg):
         raise ConfigError("tslrec.init_backbone and semantic.enabled both set the item table",
                           "use one: the dual view's collaborative table is initialised from its own PCA")
     if cfg.tslrec.init_backbone:
@@ -638,7 +676,7 @@ def train(cfg: Config, name: str | None = None, force: bool = False,
                                         "dual": (cfg.dual.model_dump(mode="json")
                                                  if cfg.dual.enabled else None),
                                         "semantic": (cfg.semantic.model_dump(mode="json")
-                                                     if cfg.semantic.enabled else None)})
+                                                     if semantic_on(cfg) else None)})
     write_json(out / "metrics.json", metrics)
     STAGE.seal(out, key, key_field="run_key", status="complete", dataset=str(dataset_dir),
                dataset_digest=ds.manifest.get("config_digest"))

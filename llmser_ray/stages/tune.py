@@ -147,10 +147,26 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     return Config.model_validate(tree)
 
 
+def resolve_trials_semantic(cfg: Config) -> Config:
+    """``semantic.enabled=auto`` decided once, as every trial would decide it (trials train the
+    dual channel exactly when ``tune.target=dual``), so the experiment's name says what the trials
+    do; left to each trial only when the search varies the backbone, which the rule reads."""
+    from llmser_ray.io import read_manifest
+    from llmser_ray.stages.train import resolve_semantic
+
+    if cfg.semantic.enabled != "auto" or "model.backbone" in cfg.tune.search:
+        return cfg
+    dual = cfg.dual.model_copy(update={"enabled": cfg.tune.target == "dual"})
+    as_trial = cfg.model_copy(update={"dual": dual})
+    resolved, why = resolve_semantic(as_trial, read_manifest(cfg.workdir_path / "dataset") or {})
+    print(f"[tune] {why}", flush=True)
+    return cfg.model_copy(update={"semantic": resolved.semantic})
+
+
 def llmesr_sections(cfg: Config) -> list[str]:
     """LLM-ESR's sections a search uses: enabled in the base config or searched."""
-    return [s for s in ("semantic", "distill")
-            if getattr(cfg, s).enabled or any(k.startswith(f"{s}.") for k in cfg.tune.search)]
+    return [s for s in ("semantic", "distill")  # an unresolved "auto" (backbone searched) may be on
+            if getattr(cfg, s).enabled is not False or any(k.startswith(f"{s}.") for k in cfg.tune.search)]
 
 
 def experiment_name(cfg: Config) -> str:
@@ -221,6 +237,7 @@ def tune(cfg: Config, fresh: bool = False) -> TuneOutcome:
 
         prepare(cfg)
         up = {}
+    cfg = resolve_trials_semantic(cfg)
     # LLM-ESR's inputs once, here: trials running at once must not all produce them.
     if "semantic" in llmesr_sections(cfg):
         from llmser_ray.stages.embed import embed_items
