@@ -80,11 +80,12 @@ def embed_items(cfg: Config, force: bool = False) -> EmbedResult:
     import ray
 
     from llmser_ray.llm.generate import restartable_map_batches
-    from llmser_ray.ray_utils import init_ray
+    from llmser_ray.ray_utils import init_ray, quiet_ray_data
 
     resolve_embedding_model(cfg.embed.model)  # fail on the driver, in one line, before Ray starts
     n_items = pq.read_metadata(items_path).num_rows
     init_ray(cfg.ray)
+    quiet_ray_data()  # progress every 30 s in a log, not Ray Data's per-operator chatter
     ds = ray.data.read_parquet(str(items_path)).select_columns(["item_id", "text"])
     # A crashed actor is replaced and its batch retried (explicit, whatever Ray's defaults become).
     ds = restartable_map_batches(

@@ -114,7 +114,7 @@ def embed_items_with_llm(cfg: Config, stage: Stage, out: Path, key: str, model_d
     from llmser_ray.data.dataset import load_dataset
     from llmser_ray.llm.generate import restartable_map_batches
     from llmser_ray.llm.lora import item_prompt, item_texts
-    from llmser_ray.ray_utils import init_ray
+    from llmser_ray.ray_utils import init_ray, quiet_ray_data
 
     ds = load_dataset(cfg.workdir_path / "dataset")
     texts = item_texts(ds.items_table, cfg.tslrec.item_text, cfg.tslrec.title_chars)
@@ -122,6 +122,7 @@ def embed_items_with_llm(cfg: Config, stage: Stage, out: Path, key: str, model_d
     ids = np.arange(1, n_items + 1, dtype=np.int64)
     table = pa.table({"item_id": ids, "prompt": [item_prompt(i, texts) for i in ids]})
     init_ray(cfg.ray)
+    quiet_ray_data()  # progress every 30 s in a log, not Ray Data's per-operator chatter
     t = cfg.tslrec
     # As the embed stage: every actor gets work, no block over 16 batches, never more blocks than batches.
     blocks = max(1, min(math.ceil(n_items / t.embed_batch_size),
