@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--run", action="append", required=True, help="NAME-sSEED=folder or FILE#arm/seed")
     ap.add_argument("--settings", default="{}", help="JSON merged into 'settings'")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--against", action="append", default=[],
+                    help="another arm every arm is also compared with (Welch t of NDCG@10)")
     args = ap.parse_args()
     runs, info = {}, {}
     for spec in args.run:
@@ -73,12 +75,25 @@ def main() -> None:
                     vals = [runs[n][protocol][g][k] for n in names]
                     sd = statistics.stdev(vals) if len(vals) > 1 else None
                     mean[protocol][arm][g][k] = [statistics.fmean(vals), sd]
+    welch = welch_t(runs, arms, "baseline")
+    out = {"settings": json.loads(args.settings), "run_info": info, "runs": runs, "mean": mean,
+           "welch_t_ndcg@10": welch}
+    if args.against:
+        out["welch_t_ndcg@10_against"] = {ref: welch_t(runs, arms, ref) for ref in args.against}
+    Path(args.out).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    print(markdown(mean, welch, {arm: len(names) for arm, names in arms.items()}))
+    for ref, t in out.get("welch_t_ndcg@10_against", {}).items():
+        print(welch_lines(t, ref))
+
+
+def welch_t(runs: dict[str, Any], arms: dict[str, list[str]], ref: str) -> dict[str, Any]:
+    """Welch's t of NDCG@10, each arm with two seeds or more against ``ref``, by group."""
     welch: dict[str, Any] = {}
-    base = arms.get("baseline", [])
+    base = arms.get(ref, [])
     for protocol in ("full", "sampled"):
         welch[protocol] = {}
         for arm, names in arms.items():
-            if arm == "baseline" or len(names) < 2 or len(base) < 2:
+            if arm == ref or len(names) < 2 or len(base) < 2:
                 continue
             welch[protocol][arm] = {}
             for g in GROUPS:
@@ -86,10 +101,13 @@ def main() -> None:
                 b = [runs[n][protocol][g]["ndcg@10"] for n in base]
                 se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
                 welch[protocol][arm][g] = (statistics.fmean(a) - statistics.fmean(b)) / se if se else None
-    out = {"settings": json.loads(args.settings), "run_info": info, "runs": runs, "mean": mean,
-           "welch_t_ndcg@10": welch}
-    Path(args.out).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
-    print(markdown(mean, welch, {arm: len(names) for arm, names in arms.items()}))
+    return welch
+
+
+def welch_lines(welch: dict[str, Any], ref: str) -> str:
+    return "\n".join(f"\nWelch t of NDCG@10, {arm} vs {ref} ({protocol}): "
+                     + ", ".join(f"{g} {v:+.1f}" for g, v in t.items() if v is not None)
+                     for protocol in ("full", "sampled") for arm, t in welch[protocol].items())
 
 
 def markdown(mean: dict[str, Any], welch: dict[str, Any], seeds: dict[str, int]) -> str:
@@ -110,11 +128,7 @@ def markdown(mean: dict[str, Any], welch: dict[str, Any], seeds: dict[str, int])
                         cell += f" ({100 * (m / base[g][k][0] - 1):+.1f}%)"
                     cells.append(cell)
                 lines.append(f"| {arm} | {seeds[arm]} | {k.upper()} | " + " | ".join(cells) + " |")
-        for arm, t in welch[protocol].items():
-            lines.append("")
-            lines.append(f"Welch t of NDCG@10, {arm} vs baseline ({protocol}): "
-                         + ", ".join(f"{g} {v:+.1f}" for g, v in t.items() if v is not None))
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n" + welch_lines(welch, "baseline")
 
 
 if __name__ == "__main__":
