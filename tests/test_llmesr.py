@@ -334,17 +334,19 @@ def test_tune_decides_auto_once_as_its_trials_would(tmp_path: Path) -> None:
     """Trials train the dual channel exactly when tune.target=dual, so the dual view is off for
     an LLMSeR search and on for a backbone search on data with text; a search over the backbone
     leaves the choice to each trial (the rule reads the backbone)."""
-    from llmser_ray.stages.tune import llmesr_sections, resolve_trials_semantic
+    from llmser_ray.stages.tune import experiment_name, llmesr_sections, resolve_trials_semantic
 
     (tmp_path / "dataset").mkdir()
     (tmp_path / "dataset" / "manifest.json").write_text(json.dumps(ALL_TEXT))
     search = 'tune.search={"train.lr": {"grid": [0.001, 0.002]}}'
     base = [f"workdir={tmp_path}", search]
-    dual = resolve_trials_semantic(load_config(None, base))
-    backbone = resolve_trials_semantic(load_config(None, [*base, "tune.target=backbone"]))
+    dual = resolve_trials_semantic(load_config(None, base))[0]
+    backbone = resolve_trials_semantic(load_config(None, [*base, "tune.target=backbone"]))[0]
     assert dual.semantic.enabled is False and "semantic" not in llmesr_sections(dual)
     assert backbone.semantic.enabled is True and "semantic" in llmesr_sections(backbone)
+    unresolved = load_config(None, [*base, "tune.target=backbone"])  # a caller's own config
+    assert experiment_name(unresolved) == experiment_name(backbone) != experiment_name(dual)
     varied = load_config(None, [f"workdir={tmp_path}", "tune.target=backbone",
                                 'tune.search={"model.backbone": {"grid": ["sasrec", "gru4rec"]}}'])
-    assert resolve_trials_semantic(varied).semantic.enabled == "auto"
+    assert resolve_trials_semantic(varied) == (varied, None)
     assert "semantic" in llmesr_sections(varied)  # its text table is produced once, before trials

@@ -147,7 +147,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     return Config.model_validate(tree)
 
 
-def resolve_trials_semantic(cfg: Config) -> Config:
+def resolve_trials_semantic(cfg: Config) -> tuple[Config, str | None]:
     """``semantic.enabled=auto`` decided once, as every trial would decide it (trials train the
     dual channel exactly when ``tune.target=dual``), so the experiment's name says what the trials
     do; left to each trial only when the search varies the backbone, which the rule reads."""
@@ -155,12 +155,11 @@ def resolve_trials_semantic(cfg: Config) -> Config:
     from llmser_ray.stages.train import resolve_semantic
 
     if cfg.semantic.enabled != "auto" or "model.backbone" in cfg.tune.search:
-        return cfg
+        return cfg, None
     dual = cfg.dual.model_copy(update={"enabled": cfg.tune.target == "dual"})
     as_trial = cfg.model_copy(update={"dual": dual})
     resolved, why = resolve_semantic(as_trial, read_manifest(cfg.workdir_path / "dataset") or {})
-    print(f"[tune] {why}", flush=True)
-    return cfg.model_copy(update={"semantic": resolved.semantic})
+    return cfg.model_copy(update={"semantic": resolved.semantic}), why
 
 
 def llmesr_sections(cfg: Config) -> list[str]:
@@ -170,6 +169,9 @@ def llmesr_sections(cfg: Config) -> list[str]:
 
 
 def experiment_name(cfg: Config) -> str:
+    """The experiment's folder under tune/: its identity, with ``semantic.enabled=auto`` decided
+    as the trials decide it (so a caller with the unresolved config finds the same folder)."""
+    cfg = resolve_trials_semantic(cfg)[0]
     payload = {s: cfg.model_dump(mode="json")[s] for s in ("data", "model", "train", "eval", "augment",
                                                             "llm", "dual", "tune",
                                                             *llmesr_sections(cfg))}
@@ -237,7 +239,9 @@ def tune(cfg: Config, fresh: bool = False) -> TuneOutcome:
 
         prepare(cfg)
         up = {}
-    cfg = resolve_trials_semantic(cfg)
+    cfg, why = resolve_trials_semantic(cfg)
+    if why:
+        print(f"[tune] {why}", flush=True)
     # LLM-ESR's inputs once, here: trials running at once must not all produce them.
     if "semantic" in llmesr_sections(cfg):
         from llmser_ray.stages.embed import embed_items
