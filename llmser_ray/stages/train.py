@@ -148,7 +148,8 @@ def resolve_semantic(cfg: Config, dataset_manifest: dict[str, Any]) -> tuple[Con
            else "LLMSeR's dual-channel training (not measured with it)" if cfg.dual.enabled
            else "tslrec.init_backbone" if cfg.tslrec.init_backbone
            else "the dataset records no item text" if not with_text
-           else f"{items - with_text} of {items} items have no text" if with_text < items
+           else (f"{items - with_text} of {items} items have no text (semantic.enabled=true with "
+                 "semantic.missing_text=allow uses it anyway)") if with_text < items
            else None)
     on = off is None
     why = ("semantic.enabled=auto: dual view on (every item has text; "
