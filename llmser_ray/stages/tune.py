@@ -243,10 +243,10 @@ def tune(cfg: Config, fresh: bool = False) -> TuneOutcome:
     if why:
         print(f"[tune] {why}", flush=True)
     # LLM-ESR's inputs once, here: trials running at once must not all produce them.
-    if "semantic" in llmesr_sections(cfg):
-        from llmser_ray.stages.embed import embed_items
+    if "semantic" in llmesr_sections(cfg):  # the table semantic.source names, as train asks for it
+        from llmser_ray.stages.train import need_semantic_table
 
-        embed_items(cfg)
+        need_semantic_table(cfg)
     if "distill" in llmesr_sections(cfg):
         from llmser_ray.stages.user_neighbours import user_neighbours
 
