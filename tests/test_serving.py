@@ -402,7 +402,7 @@ def test_pseudo_on_without_reverse_model_is_a_client_error(syn: Config, tmp_path
         ServingState(_with(cfg, "serve.pseudo_for_short=3"))
 
 
-def test_model_choice_prefers_dual_channel_then_plain(tmp_path: Path) -> None:
+def test_model_choice_prefers_the_configured_model_then_dual_channel_then_plain(tmp_path: Path) -> None:
     from llmser_ray.serving import pick_model
 
     cfg = load_config(None, [f"workdir={tmp_path}"])
@@ -416,6 +416,19 @@ def test_model_choice_prefers_dual_channel_then_plain(tmp_path: Path) -> None:
     assert pick_model(cfg)[0] == "sasrec"
     with pytest.raises(StageError, match="one of \\['sasrec'\\]"):
         pick_model(_with(cfg, "serve.model=gru4rec"))
+    # With a prepared dataset, the model this config trains comes first: on data whose every item
+    # has text that is the dual view (semantic.enabled=auto), even beside an LLMSeR model...
+    for name in ("sasrec-llmser", "sasrec-dualview"):
+        (tmp_path / "models" / name / "best").mkdir(parents=True)
+        (tmp_path / "models" / name / "best" / "model.json").write_text("{}")
+    (tmp_path / "dataset").mkdir()
+    manifest = tmp_path / "dataset" / "manifest.json"
+    manifest.write_text(json.dumps({"counts": {"items": 5, "items_with_text": 5}}))
+    assert pick_model(cfg)[0] == "sasrec-dualview"
+    assert pick_model(_with(cfg, "dual.enabled=true"))[0] == "sasrec-llmser"
+    # ...and without text the plain model it trains, not an older arm found in the folder.
+    manifest.write_text(json.dumps({"counts": {"items": 5, "items_with_text": 0}}))
+    assert pick_model(cfg)[0] == "sasrec"
 
 
 def test_app_builder_for_rayservice(syn: Config) -> None:

@@ -37,9 +37,23 @@ def _norm_title(title: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", title).casefold().split())
 
 
+def configured_model(cfg: Config) -> str | None:
+    """The model ``llmser-ray train`` with this config trains (its default name, with
+    ``semantic.enabled=auto`` decided against the prepared dataset), or None without a dataset."""
+    from llmser_ray.stages.prepare import STAGE as PREPARE
+    from llmser_ray.stages.train import default_name, resolve_semantic
+
+    manifest = read_manifest(PREPARE.folder(cfg.workdir_path))
+    if not manifest:
+        return None
+    return default_name(resolve_semantic(cfg, manifest)[0])
+
+
 def pick_model(cfg: Config) -> tuple[str, Path]:
-    """The model folder to serve: ``serve.model``, else ``<backbone>-llmser``, else LLM-ESR's
-    ``<backbone>-llmesr`` or ``<backbone>-dualview``, else ``<backbone>``."""
+    """The model folder to serve: ``serve.model``; else the one this config trains (so a served
+    workdir answers with the model its last `train`/`run` built, not an older arm beside it);
+    else, of what exists, ``<backbone>-llmser``, LLM-ESR's ``-llmesr`` or ``-dualview``, then
+    the plain ``<backbone>``."""
     models = cfg.workdir_path / "models"
 
     def ok(name: str) -> bool:
@@ -52,7 +66,8 @@ def pick_model(cfg: Config) -> tuple[str, Path]:
                              f"set serve.model to one of {have or '(none yet)'} or run `llmser-ray train`")
         return cfg.serve.model, models / cfg.serve.model
     b = cfg.model.backbone
-    for name in (f"{b}-llmser", f"{b}-llmesr", f"{b}-dualview", b):
+    own = configured_model(cfg)
+    for name in ((own,) if own else ()) + (f"{b}-llmser", f"{b}-llmesr", f"{b}-dualview", b):
         if ok(name):
             return name, models / name
     raise StageError(f"no trained {cfg.model.backbone} model in {models}",
