@@ -24,7 +24,7 @@ lint: install
 	$(VENV)/bin/ruff check llmser_ray tests bench
 
 test: install lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=30
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow"
