@@ -18,6 +18,10 @@ after every model, so they always show what has finished.
     .venv/bin/python bench/quality_ablation.py --jobs 2
     # a budget on two cores: a sample of the tail users gets LLM augmentation, fewer epochs
     .venv/bin/python bench/quality_ablation.py --max-users 2000 --epochs 60 --patience 10
+    # LLMSeR with the best measured selector (docs/SELECTION.md) and the new ARV: no LLM for
+    # SIA, the LLM only scores ARV's 10 candidates per user
+    .venv/bin/python bench/quality_ablation.py --set augment.selector=collaborative \\
+        --set augment.arv_judge=score --set augment.arv_reliability=skill --jobs 2
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def config(args: argparse.Namespace, seed: int, extra: list[str] | None = None) 
         *([f"model.max_len={args.max_len}"] if args.max_len else []),
         f"train.epochs={args.epochs}", f"train.patience={args.patience}", f"train.seed={seed}",
         "train.torch_threads=1", f"dual.num_pseudo={args.num_pseudo}", f"dual.beta={args.beta}",
-        *([f"augment.max_users={args.max_users}"] if args.max_users else []), *(extra or [])])
+        *([f"augment.max_users={args.max_users}"] if args.max_users else []), *args.set, *(extra or [])])
 
 
 def model_name(args: argparse.Namespace, seed: int, variant: str) -> str:
@@ -157,8 +161,8 @@ def run_parallel(args: argparse.Namespace, jobs: list[tuple[int, str]],
     logs.mkdir(parents=True, exist_ok=True)
     # Every setting of this run, derived from args so that a new option reaches the children too.
     own = {"seeds", "variants", *INVOCATION}
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in own and v is not None]
+    passthrough = [f"--{k.replace('_', '-')}={x}" for k, v in vars(args).items()
+                   if k not in own and v is not None for x in (v if isinstance(v, list) else [v])]
     lock = threading.Lock()
 
     def one(job: tuple[int, str]) -> int:
@@ -196,6 +200,9 @@ def main() -> None:
     ap.add_argument("--max-users", type=int, default=None,
                     help="LLM-augment a seeded sample of this many tail users (default: all)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any config key for every arm and the upstream stages, e.g. "
+                         "augment.selector=collaborative augment.arv_judge=score (repeatable)")
     ap.add_argument("--aggregate-only", action="store_true")
     ap.add_argument("--jobs", type=int, default=1,
                     help="trainings run at once, each in its own process and local Ray (one core each)")
