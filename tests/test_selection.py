@@ -36,16 +36,44 @@ from llmser_ray.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
+def _bench(name: str = "selection_benchmark"):
     sys.path.insert(0, str(ROOT / "bench"))
-    path = ROOT / "bench" / "selection_benchmark.py"
-    spec = importlib.util.spec_from_file_location("selection_benchmark", path)
+    path = ROOT / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     return mod
 
 
 # ----------------------------------------------------------------------------- the math
+def test_spearman_matches_scipy_and_its_interval_covers_it() -> None:
+    from scipy.stats import spearmanr
+
+    from llmser_ray.augment.selection import spearman_ci
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 6, 400).astype(float)  # many ties, like clipped reliabilities
+    y = x + rng.normal(0, 4, 400)
+    rho, lo, hi = spearman_ci(x, y)
+    assert rho == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    assert lo < rho < hi and hi - lo < 0.25
+    noise, nlo, nhi = spearman_ci(x, rng.normal(size=400))
+    assert nlo < 0 < nhi and abs(noise) < 0.15
+    assert np.isnan(spearman_ci(np.ones(10), np.arange(10.0))[0])  # a constant has no order
+
+
+def test_arv_signal_reads_a_reliability_that_tracks_the_gain() -> None:
+    mod = _bench("arv_signal")
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 3000, 500).astype(float)
+    helped = rng.random(500)  # the share of the rank the augmentation removed, per user
+    aug = np.floor(base * (1 - helped))
+    out = mod.signal({"r_u": helped, "r_random": rng.random(500)}, base, aug)
+    assert out["users"] == 500 and out["improved_share"] > 0.9
+    assert out["r_u"]["rank_gain"]["lo"] > 0.5  # tracks the gain
+    assert out["r_random"]["rank_gain"]["lo"] < 0 < out["r_random"]["rank_gain"]["hi"]  # does not
+
+
 
 
 def test_pmi_calibration_prefers_what_the_history_explains() -> None:

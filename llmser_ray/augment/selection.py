@@ -203,6 +203,38 @@ def bootstrap_ratio(a: np.ndarray, b: np.ndarray, seed: int = 0, rounds: int = 2
     return float(a.mean() / b.mean()), float(lo), float(hi)
 
 
+def spearman_ci(x: np.ndarray, y: np.ndarray, seed: int = 0, rounds: int = 2000,
+                level: float = 0.95) -> tuple[float, float, float]:
+    """Spearman's rank correlation of paired per-user values with a percentile-bootstrap interval
+    over users: whether a per-user reliability (ARV's r_u) orders users by what the augmentation
+    did for them. Ties get their average rank; pairs with a non-finite value are dropped."""
+    from scipy.stats import rankdata  # sentence-transformers' dependency; only this analysis uses it
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3:
+        return float("nan"), float("nan"), float("nan")
+
+    def corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # Pearson of the ranks, per row
+        a, b = rankdata(a, axis=-1), rankdata(b, axis=-1)
+        a = a - a.mean(axis=-1, keepdims=True)
+        b = b - b.mean(axis=-1, keepdims=True)
+        den = np.sqrt((a * a).sum(axis=-1) * (b * b).sum(axis=-1))
+        return np.where(den > 0, (a * b).sum(axis=-1) / np.where(den > 0, den, 1.0), np.nan)
+
+    rho = float(corr(x, y))
+    rng = np.random.default_rng(seed)
+    chunks = [min(100, rounds - start) for start in range(0, rounds, 100)]  # bounded memory
+    boot = np.concatenate([corr(x[i], y[i]) for i in
+                           (rng.integers(0, len(x), size=(c, len(x))) for c in chunks)])
+    boot = boot[np.isfinite(boot)]
+    if len(boot) == 0:
+        return rho, float("nan"), float("nan")
+    lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return rho, float(lo), float(hi)
+
+
 def judge_skill(picked_sim: np.ndarray, random_sim: np.ndarray, best_sim: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, float]:
     """ARV's reliability as the judge's skill over a random pick from the same list.
