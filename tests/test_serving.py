@@ -426,6 +426,9 @@ def test_model_choice_prefers_the_configured_model_then_dual_channel_then_plain(
     manifest.write_text(json.dumps({"counts": {"items": 5, "items_with_text": 5}}))
     assert pick_model(cfg)[0] == "sasrec-dualview"
     assert pick_model(_with(cfg, "dual.enabled=true"))[0] == "sasrec-llmser"
+    (tmp_path / "models" / "sasrec-reverse" / "best").mkdir(parents=True)
+    (tmp_path / "models" / "sasrec-reverse" / "best" / "model.json").write_text("{}")
+    assert pick_model(_with(cfg, "train.reverse=true"))[0] != "sasrec-reverse"
     # ...and without text the plain model it trains, not an older arm found in the folder.
     manifest.write_text(json.dumps({"counts": {"items": 5, "items_with_text": 0}}))
     assert pick_model(cfg)[0] == "sasrec"

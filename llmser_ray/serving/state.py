@@ -44,7 +44,7 @@ def configured_model(cfg: Config) -> str | None:
     from llmser_ray.stages.train import default_name, resolve_semantic
 
     manifest = read_manifest(PREPARE.folder(cfg.workdir_path))
-    if not manifest:
+    if not manifest or cfg.train.reverse:  # the reverse model predicts the past: never served
         return None
     return default_name(resolve_semantic(cfg, manifest)[0])
 
