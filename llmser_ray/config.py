@@ -367,7 +367,7 @@ class SemanticConfig(_Strict):
 
     On by default where it was measured better (docs/RESULTS.md section 3: SASRec, 3 seeds,
     NDCG@10 +7.6%, tail users +8.6%): ``enabled="auto"``, resolved by ``train`` against the
-    prepared dataset (``stages/train.py`` ``resolve_semantic``), which says what it chose.
+    prepared dataset (``models/naming.py`` ``resolve_semantic``), which says what it chose.
     """
 
     # "auto": on for a SASRec trained by itself (`llmser-ray train`, tune trials without the

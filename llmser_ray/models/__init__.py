@@ -27,7 +27,7 @@ def build_model(cfg: ModelConfig, num_items: int, semantic: SemanticConfig | Non
     if not cfg.tie_output:
         model.untie_output()
     if semantic is not None and semantic.enabled == "auto":
-        raise ValueError("semantic.enabled=auto must be resolved first (stages/train.py resolve_semantic)")
+        raise ValueError("semantic.enabled=auto must be resolved first (models/naming.py resolve_semantic)")
     if semantic is None or not semantic.enabled:
         return model
     if text is None:

@@ -40,10 +40,9 @@ def _norm_title(title: str) -> str:
 def configured_model(cfg: Config) -> str | None:
     """The model ``llmser-ray train`` with this config trains (its default name, with
     ``semantic.enabled=auto`` decided against the prepared dataset), or None without a dataset."""
-    from llmser_ray.stages.prepare import STAGE as PREPARE
-    from llmser_ray.stages.train import default_name, resolve_semantic
+    from llmser_ray.models.naming import default_name, resolve_semantic
 
-    manifest = read_manifest(PREPARE.folder(cfg.workdir_path))
+    manifest = read_manifest(cfg.workdir_path / "dataset")  # the prepare stage's output
     if not manifest or cfg.train.reverse:  # the reverse model predicts the past: never served
         return None
     return default_name(resolve_semantic(cfg, manifest)[0])

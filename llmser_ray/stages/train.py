@@ -40,6 +40,7 @@ from llmser_ray.models.base import SeqRecModel
 from llmser_ray.models.batching import TrainBatch, by_length, training_batch
 from llmser_ray.models.checkpoint import write_trained
 from llmser_ray.models.losses import Distillation, Objective
+from llmser_ray.models.naming import default_name, resolve_semantic, semantic_on
 from llmser_ray.stages.base import Stage, digest, needs, say
 from llmser_ray.stages.evaluate import evaluate_splits, split_groups
 from llmser_ray.stages.prepare import need_dataset
@@ -132,38 +133,6 @@ class TrainingData:
                    None if aug_seqs is None else [aug_seqs[i] for i in keep],
                    None if weights is None else weights[keep],
                    val_inputs, val_targets, val_seen, np.asarray(keep, dtype=np.int64) + 1)
-
-
-def resolve_semantic(cfg: Config, dataset_manifest: dict[str, Any]) -> tuple[Config, str | None]:
-    """``cfg`` with ``semantic.enabled="auto"`` decided (config.py says the rule), and why, for the
-    console; an explicit true/false passes through with no reason. The rule follows what was
-    measured: the dual view beat the plain backbone for SASRec on Beauty (3 seeds), and nothing
-    else has been measured, so everything else keeps the setting it was measured with."""
-    if cfg.semantic.enabled != "auto":
-        return cfg, None
-    counts = dataset_manifest.get("counts", {})
-    items, with_text = int(counts.get("items", 0)), int(counts.get("items_with_text", 0))
-    off = (f"{cfg.model.backbone} (measured for sasrec only)" if cfg.model.backbone != "sasrec"
-           else "the reverse candidate model" if cfg.train.reverse
-           else "LLMSeR's dual-channel training (not measured with it)" if cfg.dual.enabled
-           else "tslrec.init_backbone" if cfg.tslrec.init_backbone
-           else "the dataset records no item text" if not with_text
-           else (f"{items - with_text} of {items} items have no text (semantic.enabled=true with "
-                 "semantic.missing_text=allow uses it anyway)") if with_text < items
-           else None)
-    on = off is None
-    why = ("semantic.enabled=auto: dual view on (every item has text; "
-           "semantic.enabled=false for the plain backbone)" if on
-           else f"semantic.enabled=auto: dual view off: {off}")
-    return cfg.model_copy(update={"semantic": cfg.semantic.model_copy(update={"enabled": on})}), why
-
-
-def semantic_on(cfg: Config) -> bool:
-    """Whether the dual view is on; an unresolved "auto" is a bug of the caller, never read as on."""
-    if cfg.semantic.enabled == "auto":
-        raise RuntimeError("semantic.enabled=auto must be resolved against the dataset first "
-                           "(stages/train.py resolve_semantic)")
-    return bool(cfg.semantic.enabled)
 
 
 def semantic_table(cfg: Config, ds: SeqDataset) -> torch.Tensor | None:
@@ -506,22 +475,6 @@ def clear_run(storage_uri: str, run_name: str) -> None:
 
 def model_dir(cfg: Config, name: str) -> Path:
     return cfg.workdir_path / "models" / name
-
-
-def default_name(cfg: Config) -> str:
-    """``sasrec`` (plain = the baseline), ``sasrec-reverse`` (candidate generator),
-    ``sasrec-llmser`` (dual-channel LLMSeR), ``sasrec-candidates`` (dual-channel, no LLM); LLM-ESR
-    adds ``-dualview`` (semantic only), ``-distill`` (distillation only) or ``-llmesr`` (both)."""
-    if cfg.train.reverse:
-        return f"{cfg.model.backbone}-reverse"
-    name = cfg.model.backbone
-    if cfg.dual.enabled:
-        name += f"-{'llmser' if cfg.dual.pseudo_source == 'llm' else 'candidates'}"
-    semantic = semantic_on(cfg)
-    if semantic or cfg.distill.enabled:
-        name += ("-llmesr" if semantic and cfg.distill.enabled
-                 else "-dualview" if semantic else "-distill")
-    return name + ("-tslrec" if cfg.tslrec.init_backbone else "")  # item table initialised by TSLRec
 
 
 def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
