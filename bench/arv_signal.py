@@ -33,21 +33,17 @@ from llmser_ray.augment.weights import augmentation_dir, load_augmentation
 from llmser_ray.config import DualConfig, load_config
 from llmser_ray.data.dataset import load_dataset
 from llmser_ray.errors import LLMSeRError
-from llmser_ray.evaluation import rank_targets
+from llmser_ray.evaluation import ndcg_at, rank_targets
 from llmser_ray.models.checkpoint import load_trained
 
 COLUMNS = ("r_u", "r_cosine", "skill", "r_random", "r_best")
-
-
-def ndcg10(rank: np.ndarray) -> np.ndarray:
-    return np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
 
 
 def signal(r: dict[str, np.ndarray], rank_base: np.ndarray, rank_aug: np.ndarray,
            seed: int = 0) -> dict[str, object]:
     """Spearman's rho (95% bootstrap interval) of each reliability column against both gains."""
     gains = {"rank_gain": np.log2(rank_base + 1.0) - np.log2(rank_aug + 1.0),
-             "ndcg_gain": ndcg10(rank_aug) - ndcg10(rank_base)}
+             "ndcg_gain": ndcg_at(rank_aug, 10) - ndcg_at(rank_base, 10)}
     out: dict[str, object] = {"users": len(rank_base),
                               "mean": {k: float(v.mean()) for k, v in gains.items()},
                               "improved_share": float((rank_aug < rank_base).mean())}

@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from llmser_ray.config import load_config
 from llmser_ray.data.dataset import load_dataset
 from llmser_ray.models import build_model
+from llmser_ray.models.naming import resolve_semantic
 from llmser_ray.stages.evaluate import evaluate_splits
-from llmser_ray.stages.train import resolve_semantic, semantic_table
+from llmser_ray.stages.train import semantic_table
 
 
 def main() -> None:

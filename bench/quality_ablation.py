@@ -18,10 +18,11 @@ after every model, so they always show what has finished.
     .venv/bin/python bench/quality_ablation.py --jobs 2
     # a budget on two cores: a sample of the tail users gets LLM augmentation, fewer epochs
     .venv/bin/python bench/quality_ablation.py --max-users 2000 --epochs 60 --patience 10
-    # LLMSeR with the best measured selector (docs/SELECTION.md) and the new ARV: no LLM for
-    # SIA, the LLM only scores ARV's 10 candidates per user
+    # LLMSeR with the best measured selector (docs/SELECTION.md) and the skill-based ARV weights:
+    # no LLM for SIA, the LLM only judges ARV's 10 candidates per user (augment.arv_judge=score
+    # is order-independent but scores every prompt token: far slower on CPU)
     .venv/bin/python bench/quality_ablation.py --set augment.selector=collaborative \\
-        --set augment.arv_judge=score --set augment.arv_reliability=skill --jobs 2
+        --set augment.arv_reliability=skill --jobs 2
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any config key for every arm and the upstream stages, e.g. "
-                         "augment.selector=collaborative augment.arv_judge=score (repeatable)")
+                         "augment.selector=collaborative augment.arv_reliability=skill (repeatable)")
     ap.add_argument("--aggregate-only", action="store_true")
     ap.add_argument("--jobs", type=int, default=1,
                     help="trainings run at once, each in its own process and local Ray (one core each)")

@@ -140,6 +140,12 @@ def rank_targets(model: SeqRecModel, inputs: Sequence[np.ndarray], targets: np.n
     return ranks
 
 
+def ndcg_at(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user NDCG@k of one relevant item at 0-based ``ranks``: 1/log2(rank + 2) if rank < k."""
+    r = np.asarray(ranks)
+    return np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
+
+
 def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int],
                        groups: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
     """HR@k and NDCG@k (one relevant item: 1/log2(rank + 2) if rank < k) per group.
@@ -157,10 +163,8 @@ def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int],
         r = ranks[sel]
         row: dict[str, float] = {}
         for k in ks:
-            hit = r < k
-            row[f"hr@{k}"] = float(hit.mean()) if len(r) else float("nan")
-            gain = np.where(hit, 1.0 / np.log2(r + 2.0), 0.0)
-            row[f"ndcg@{k}"] = float(gain.mean()) if len(r) else float("nan")
+            row[f"hr@{k}"] = float((r < k).mean()) if len(r) else float("nan")
+            row[f"ndcg@{k}"] = float(ndcg_at(r, k).mean()) if len(r) else float("nan")
         row["n"] = int(len(r))
         out[name] = row
     return out

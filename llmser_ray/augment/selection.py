@@ -208,7 +208,7 @@ def spearman_ci(x: np.ndarray, y: np.ndarray, seed: int = 0, rounds: int = 2000,
     """Spearman's rank correlation of paired per-user values with a percentile-bootstrap interval
     over users: whether a per-user reliability (ARV's r_u) orders users by what the augmentation
     did for them. Ties get their average rank; pairs with a non-finite value are dropped."""
-    from scipy.stats import rankdata  # sentence-transformers' dependency; only this analysis uses it
+    from scipy.stats import rankdata  # imported here: only this analysis needs it
 
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     ok = np.isfinite(x) & np.isfinite(y)

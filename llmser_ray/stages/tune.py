@@ -152,7 +152,7 @@ def resolve_trials_semantic(cfg: Config) -> tuple[Config, str | None]:
     dual channel exactly when ``tune.target=dual``), so the experiment's name says what the trials
     do; left to each trial only when the search varies the backbone, which the rule reads."""
     from llmser_ray.io import read_manifest
-    from llmser_ray.stages.train import resolve_semantic
+    from llmser_ray.models.naming import resolve_semantic
 
     if cfg.semantic.enabled != "auto" or "model.backbone" in cfg.tune.search:
         return cfg, None
