@@ -303,7 +303,11 @@ class AugmentConfig(_Strict):
     #   candidate's text embedding to the mean of the history's (no LLM); collaborative: the
     #   reverse model's order (no LLM); fusion: fusion_weight * z(collaborative score)
     #   + (1 - fusion_weight) * z(embedding similarity) (no LLM).
-    selector: Literal["generate", "score", "embedding", "collaborative", "fusion"] = "generate"
+    # Default collaborative: the measured best on the selection benchmark, and with the bundled
+    # 135M model generate returns exactly the collaborative order for 99% of Beauty's tail users
+    # after ~5 h of CPU (docs/SELECTION.md). With a capable LLM (GPU, OpenAI-compatible endpoint)
+    # measure generate / score with bench/selection_benchmark.py and set it.
+    selector: Literal["generate", "score", "embedding", "collaborative", "fusion"] = "collaborative"
     # Weight of the collaborative score in the fusion selector (1 = collaborative, 0 = embedding).
     fusion_weight: float = Field(0.5, ge=0, le=1)
     # score selector: PMI calibration strength, score = log p(title | history) - pmi_alpha *

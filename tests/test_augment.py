@@ -33,7 +33,9 @@ SMALL = ["data.source=synthetic", "data.synthetic.n_users=300", "data.synthetic.
          "data.tail_user_threshold=5", "model.hidden=16", "model.max_len=20", "model.layers=1",
          "train.epochs=3", "train.torch_threads=1", "ray.num_cpus=4", "ray.include_dashboard=false",
          "augment.max_users=12", "augment.shard_size=4", "augment.num_candidates=10",
-         "augment.ask_items=5", "dual.num_pseudo=5", "llm.max_tokens=40", "llm.batch_size=16"]
+         "augment.ask_items=5", "dual.num_pseudo=5", "llm.max_tokens=40", "llm.batch_size=16",
+         # SIA by the LLM (the default collaborative selector needs none): this file tests that path
+         "augment.selector=generate"]
 
 
 def _cfg(workdir: Path, *extra: str):

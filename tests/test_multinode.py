@@ -263,6 +263,7 @@ def test_killed_augmentation_actor_loses_no_users(multinode: MultiNode) -> None:
         f"workdir={workdir}", *SMALL, "train.num_workers=1", "train.epochs=2",
         f"ray.address={multinode.cluster.address}", f"augment.max_users={users}",
         "augment.shard_size=2", "augment.num_candidates=10", "augment.ask_items=5", "dual.num_pseudo=5",
+        "augment.selector=generate",  # the LLM selector: its engine is what this test kills
         "augment.scorer_cpus=0.25", "llm.batch_size=2", "llm.max_tokens=40", "llm.cpus_per_engine=0.5"])
     # A node with two CPUs: Ray Data's own tasks (repartition) take a whole CPU, which the
     # one-CPU nodes cannot offer next to the fractional stage actors. Real nodes have more.
