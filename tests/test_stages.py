@@ -60,6 +60,10 @@ def test_every_stage_declares_itself_once() -> None:
     for s in stages:
         assert s.identity and s.schema.startswith(("docs/SCHEMA.md", "docs/SERVING.md")) and s.summary
         assert set(s.inputs) <= names, s.name
+    from llmser_ray.cli import app
+
+    commands = {(c.name or c.callback.__name__).replace("_", "-") for c in app.registered_commands}
+    assert {s.command.removeprefix("llmser-ray ") for s in stages} <= commands  # fixes name real commands
     doc = (ROOT / "docs" / "STAGES.md").read_text()
     for s in stages:
         assert f"`{s.name}`" in doc and f"`{s.output}`" in doc, s.name

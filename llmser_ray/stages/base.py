@@ -57,9 +57,15 @@ class Stage:
     identity: tuple[str, ...] = ()
     schema: str = ""  # where the output's files are documented
     summary: str = ""
+    cli: str = ""  # the subcommand that runs it, where not the name with dashes
 
     def folder(self, workdir: Path) -> Path:
         return Path(workdir) / self.output
+
+    @property
+    def command(self) -> str:
+        """The CLI subcommand that runs this stage, for the fix an error message names."""
+        return "llmser-ray " + (self.cli or self.name.replace("_", "-"))
 
     def current(self, folder: Path, key: str, force: bool = False) -> dict[str, Any] | None:
         """The manifest of ``folder`` when it holds this stage's output for identity ``key``."""

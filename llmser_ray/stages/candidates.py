@@ -25,7 +25,7 @@ from llmser_ray.stages.base import Stage, digest
 from llmser_ray.stages.pretrain import plain_config, pretrained_dir, reverse_model
 
 STAGE = Stage(
-    name="candidates", output="candidates", schema_version=1, inputs=("prepare", "pretrain"),
+    name="candidates", cli="augment", output="candidates", schema_version=1, inputs=("prepare", "pretrain"),
     identity=("augment.users", "augment.user_ids", "augment.max_users", "augment.seed",
               "augment.num_candidates", "augment.exclude_history", "reverse model run key", "dataset digest"),
     schema="docs/SCHEMA.md#candidates",

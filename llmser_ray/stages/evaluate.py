@@ -21,7 +21,7 @@ from llmser_ray.models.base import SeqRecModel
 from llmser_ray.stages.base import Stage
 
 STAGE = Stage(
-    name="evaluate", output="models/<name>/metrics.json (test)", schema_version=1,
+    name="evaluate", cli="train", output="models/<name>/metrics.json (test)", schema_version=1,
     inputs=("train",), identity=("the train stage's run key", "eval.*"),
     schema="docs/SCHEMA.md#models",
     summary="test metrics by group, full ranking and 100 negatives (models and baselines)")

@@ -51,7 +51,8 @@ from llmser_ray.stages.base import Stage, digest, needs
 from llmser_ray.stages.candidates import CandidatesResult, candidates_current, generate_candidates
 
 STAGE = Stage(
-    name="select", output="augmented", schema_version=1, inputs=("candidates", "embed (free-text grounding)"),
+    name="select", cli="augment", output="augmented", schema_version=1,
+    inputs=("candidates", "embed (free-text grounding)"),
     identity=("candidates digest", "augment.ask_items", "augment.prompt_history", "augment.grounding",
               "augment.min_similarity", "augment.selector", "augment.fusion_weight", "augment.pmi_alpha",
               "llm identity (backend, model, base_url, sampling, seed; LLM selectors only)",

@@ -135,7 +135,7 @@ def embed_items_with_llm(cfg: Config, stage: Stage, out: Path, key: str, model_d
         compute=ray.data.ActorPoolStrategy(size=t.embed_actors),
         num_cpus=t.embed_cpus, num_gpus=t.embed_gpus or None,
         batch_size=None, batch_format="numpy", max_task_retries=3)
-    rerun = f"rerun `llmser-ray {stage.name.replace('_', '-')} --force`"
+    rerun = f"rerun `{stage.command} --force`"
     vectors: np.ndarray | None = None
     seen = np.zeros(n_items + 1, dtype=bool)
     for batch in data.iter_batches(batch_format="numpy", batch_size=None):
@@ -169,7 +169,7 @@ def load_llm_item_vectors(workdir: str | Path, stage: Stage = STAGE) -> np.ndarr
     path = Path(workdir).expanduser() / stage.output / VECTORS_FILE
     if not path.is_file():
         raise StageError(f"no {stage.name} item embeddings in {path.parent}",
-                         f"run `llmser-ray {stage.name.replace('_', '-')}` with the same --workdir")
+                         f"run `{stage.command}` with the same --workdir")
     from safetensors.numpy import load_file
 
     return load_file(str(path))["vectors"]

@@ -29,7 +29,7 @@ from llmser_ray.stages.base import Stage, digest, needs
 
 SCHEMA_VERSION = 1
 STAGE = Stage(
-    name="user_neighbours", output="user_neighbours", schema_version=SCHEMA_VERSION,
+    name="user_neighbours", cli="neighbours", output="user_neighbours", schema_version=SCHEMA_VERSION,
     inputs=("prepare",),
     identity=("embed.model", "distill.retrieve", "distill.max_titles", "dataset digest"),
     schema="docs/SCHEMA.md#user_neighbours",
