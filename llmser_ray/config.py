@@ -594,6 +594,15 @@ class RayConfig(_Strict):
     storage_path: str | None = None
 
 
+# Where a backbone's measured best differs from the shared default (docs/RESULTS.md, issue 17):
+# applied to the keys a config leaves unset, so YAML, --set and Tune trials still win, and
+# `llmser-ray config` prints the value a run will use. GRU4Rec at the shared lr 1e-3 and dropout
+# 0.5 was still climbing at its 100-epoch cap; at 3e-3 and 0.3 it converges in a fraction of that.
+BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gru4rec": {"train.lr": 3e-3, "model.dropout": 0.3},
+}
+
+
 class Config(_Strict):
     """A whole run. ``workdir`` holds every stage's output (dataset/, models/, ...)."""
 
@@ -613,6 +622,16 @@ class Config(_Strict):
     tune: TuneConfig = TuneConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _backbone_defaults(self) -> Config:
+        for dotted, value in BACKBONE_DEFAULTS.get(self.model.backbone, {}).items():
+            name, key = dotted.split(".")
+            section = getattr(self, name)
+            if key not in section.model_fields_set:
+                # Not setattr: assignment would validate the whole Config again, re-entering here.
+                object.__setattr__(self, name, section.model_copy(update={key: value}))
+        return self
 
     @model_validator(mode="after")
     def _cross(self) -> Config:

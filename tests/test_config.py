@@ -76,3 +76,22 @@ def test_local_ray_has_room_for_a_stage_on_small_machines() -> None:
 
     assert local_cpus(RayConfig()) >= 4
     assert local_cpus(RayConfig(num_cpus=2)) == 2  # an explicit setting wins
+
+
+def test_a_backbone_gets_its_own_measured_defaults_unless_the_config_sets_them(tmp_path) -> None:
+    from llmser_ray.config import BACKBONE_DEFAULTS
+
+    shared = Config()
+    gru = load_config(None, ["model.backbone=gru4rec"])
+    for dotted, value in BACKBONE_DEFAULTS["gru4rec"].items():
+        section, key = dotted.split(".")
+        assert getattr(getattr(gru, section), key) == value != getattr(getattr(shared, section), key)
+    # Another backbone keeps the shared defaults; the shared default instances are not mutated.
+    assert load_config(None, ["model.backbone=sasrec"]).train.lr == shared.train.lr == Config().train.lr
+    # An explicit value wins, from --set and from YAML, even when it equals the shared default.
+    explicit = load_config(None, ["model.backbone=gru4rec", f"train.lr={shared.train.lr}"])
+    assert explicit.train.lr == shared.train.lr
+    (tmp_path / "c.yaml").write_text("model: {backbone: gru4rec, dropout: 0.5}\n")
+    assert load_config(tmp_path / "c.yaml").model.dropout == 0.5
+    # A resolved config round-trips unchanged (Ray workers and Tune trials rebuild it from a dump).
+    assert Config.model_validate(gru.model_dump(mode="json")) == gru
