@@ -629,9 +629,17 @@ class Config(_Strict):
             name, key = dotted.split(".")
             section = getattr(self, name)
             if key not in section.model_fields_set:
+                resolved = section.model_copy(update={key: value})
+                resolved.model_fields_set.discard(key)  # still a default: Tune may re-resolve it
                 # Not setattr: assignment would validate the whole Config again, re-entering here.
-                object.__setattr__(self, name, section.model_copy(update={key: value}))
+                object.__setattr__(self, name, resolved)
         return self
+
+    def backbone_defaulted(self) -> list[str]:
+        """The keys some backbone has its own default for that this config leaves unset: a Tune
+        search over ``model.backbone`` drops them from its base so each trial gets its own."""
+        keys = sorted({k for d in BACKBONE_DEFAULTS.values() for k in d})
+        return [k for k in keys if k.split(".")[1] not in getattr(self, k.split(".")[0]).model_fields_set]
 
     @model_validator(mode="after")
     def _cross(self) -> Config:

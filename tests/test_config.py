@@ -95,3 +95,20 @@ def test_a_backbone_gets_its_own_measured_defaults_unless_the_config_sets_them(t
     assert load_config(tmp_path / "c.yaml").model.dropout == 0.5
     # A resolved config round-trips unchanged (Ray workers and Tune trials rebuild it from a dump).
     assert Config.model_validate(gru.model_dump(mode="json")) == gru
+
+
+def test_a_backbone_search_gives_each_trial_its_backbones_defaults(tmp_path) -> None:
+    from llmser_ray.stages.tune import trial_base, trial_config
+
+    search = 'tune.search={"model.backbone": {"grid": ["sasrec", "gru4rec"]}}'
+    for start in ("sasrec", "gru4rec"):
+        base = trial_base(load_config(None, [f"workdir={tmp_path}", f"model.backbone={start}", search]))
+        gru = trial_config(base, {"model.backbone": "gru4rec"})
+        sas = trial_config(base, {"model.backbone": "sasrec"})
+        assert (gru.train.lr, gru.model.dropout) == (3e-3, 0.3), start
+        assert (sas.train.lr, sas.model.dropout) == (Config().train.lr, Config().model.dropout), start
+    # What the user set is every trial's, and without a backbone search nothing is dropped.
+    base = trial_base(load_config(None, [f"workdir={tmp_path}", "train.lr=0.002", search]))
+    assert trial_config(base, {"model.backbone": "gru4rec"}).train.lr == 0.002
+    plain = trial_base(load_config(None, [f"workdir={tmp_path}", "model.backbone=gru4rec"]))
+    assert plain["train"]["lr"] == 3e-3 and plain["model"]["dropout"] == 0.3

@@ -135,6 +135,18 @@ INTEGER_KEYS = ("num_pseudo", "decay_threshold", "epochs", "num_negatives", "hid
                 "heads", "max_len", "batch_size")
 
 
+def trial_base(cfg: Config) -> dict[str, Any]:
+    """The config every trial starts from. A search over ``model.backbone`` leaves out the keys
+    with per-backbone defaults the user did not set (config.BACKBONE_DEFAULTS), so that each
+    trial's backbone gets its own measured defaults, not the base backbone's."""
+    base = absolute_paths(cfg.model_dump(mode="json"))
+    if "model.backbone" in cfg.tune.search:
+        for dotted in cfg.backbone_defaulted():
+            section, key = dotted.split(".")
+            del base[section][key]
+    return base
+
+
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     tree = json.loads(json.dumps(base))
     for key, value in params.items():
@@ -255,7 +267,7 @@ def tune(cfg: Config, fresh: bool = False) -> TuneOutcome:
     storage = ray_storage(cfg, "tune")
     path = f"{storage.rstrip('/')}/{name}"
     metric = f"valid_{cfg.eval.metric}"
-    base = absolute_paths(cfg.model_dump(mode="json"))
+    base = trial_base(cfg)
     trainable = rtune.with_resources(rtune.with_parameters(_trial, base=base, name=name), {"CPU": 0.1})
     if not fresh and rtune.Tuner.can_restore(path):
         print(f"[tune] restoring {path}", flush=True)
