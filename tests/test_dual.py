@@ -17,9 +17,10 @@ from llmser_ray.data.dataset import load_dataset
 from llmser_ray.errors import StageError
 from llmser_ray.io import write_json
 from llmser_ray.models import build_model
+from llmser_ray.models.batching import pad_batch
 from llmser_ray.models.losses import Objective
 from llmser_ray.stages.prepare import prepare
-from llmser_ray.stages.train import LossModule, TrainingData, batch_loss
+from llmser_ray.stages.train import LossModule, TrainingData, batch_loss, dual_key
 
 
 def _model(backbone: str) -> LossModule:
@@ -125,3 +126,51 @@ def test_augmentation_is_read_sliced_weighted_and_used_at_inference(tmp_path: Pa
                                                     "dual.constant_weight=0.25"]), ds)
     assert ablation.pseudo[0].tolist() == [31, 30] and ablation.weight[0] == 0.25
     assert json.loads((tmp_path / "dataset" / "manifest.json").read_text())["counts"]["users"] == 3
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "bert4rec"])
+def test_pseudo_items_as_context_only_are_never_targets(backbone: str) -> None:
+    """dual.pseudo_targets=false marks pseudo items with negated ids: the augmented row reads them
+    (same hidden states as the unmarked row) but predicts only its real items, the first one
+    included; through length buckets of rows of different lengths. The loss is the objective's
+    on exactly the unflagged target positions."""
+    model = _model(backbone).eval()
+    objective = Objective.from_config(load_config(None, ["train.loss=ce"]).train)
+    plain = [np.array([20, 21, 1, 2, 3]), np.array([22, 4, 5, 6, 7, 8, 9, 10, 11, 12])]
+    marked = [np.array([-20, -21, 1, 2, 3]), np.array([-22, 4, 5, 6, 7, 8, 9, 10, 11, 12])]
+    seqs, signed = pad_batch(plain, 12), pad_batch(marked, 12)
+    got = model(signed, objective, torch.Generator().manual_seed(4))
+    # By hand, row by row as the length buckets run them (narrowest first, widths 8 and 10, one
+    # generator: BERT4Rec's Cloze draws land where they do in the module).
+    net, gen, rows, dropped = model.model, torch.Generator().manual_seed(4), [], 0
+    for row, width in ((0, 8), (1, 10)):
+        inputs, targets, valid = net.training_task(seqs[row:row + 1, -width:], gen)
+        keep = valid & ~net.target_flags(signed[row:row + 1, -width:] < 0)
+        dropped += int((valid & ~keep).sum())
+        rows.append(objective.per_sequence(net(inputs), net.item_embeddings(), targets, keep, None))
+    torch.testing.assert_close(got, torch.cat(rows))
+    if backbone != "bert4rec":  # causal: every real item is a target, the pseudo ones never
+        assert got[:, 1].tolist() == [3.0, 9.0]
+        assert model(seqs, objective, None)[:, 1].tolist() == [4.0, 9.0]
+        assert dropped == 1  # 21 (predicted from 20); 20 and 22 are never targets of a causal model
+    else:  # this seed's Cloze masks fall on pseudo items too (3 of them): those do not count
+        assert dropped == 3
+
+
+def test_pseudo_targets_off_marks_training_rows_only_and_keeps_old_run_keys(tmp_path: Path) -> None:
+    seqs = tmp_path / "s.txt"
+    seqs.write_text("1 1 2 3 4 5 6\n2 6 7 8 9 10 11 12 13 14 15 16\n3 2 4 6 8\n")
+    base = [f"workdir={tmp_path}", "data.source=s3rec", f"data.path={seqs}", "data.tail_user_threshold=3",
+            "dual.enabled=true", "dual.num_pseudo=2"]
+    prepare(load_config(None, base))
+    ds = load_dataset(tmp_path / "dataset")
+    _write_reliability(tmp_path, [1], [[10, 9]], [0.8], [[10, 9]])
+    cfg = load_config(None, [*base, "dual.pseudo_targets=false"])
+    data = TrainingData.build(cfg, ds)
+    assert data.aug_seqs is not None and data.aug_seqs[0].tolist() == [-10, -9, 1, 2, 3, 4]
+    assert data.val_inputs[0].tolist() == [10, 9, 1, 2, 3, 4]  # inference reads plain ids
+    # Dual-channel models trained before the option existed keep their run keys (the value
+    # the key's dual part had then, pinned); turning it off makes another model.
+    default = load_config(None, ["dual.enabled=true"])
+    assert dual_key(default) == "e7a06eba"
+    assert dual_key(load_config(None, ["dual.enabled=true", "dual.pseudo_targets=false"])) != "e7a06eba"

@@ -78,9 +78,12 @@ class Augmentation:
     def augmented(self) -> np.ndarray:
         return np.array([len(p) > 0 for p in self.pseudo]) & (self.weight > 0)
 
-    def inputs(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """Model inputs with pseudo items prepended for augmented users (inference side)."""
-        return [np.concatenate([p, x]) if len(p) else x
+    def inputs(self, inputs: list[np.ndarray], context_only: bool = False) -> list[np.ndarray]:
+        """Model inputs with pseudo items prepended for augmented users. ``context_only`` (training
+        with ``dual.pseudo_targets=false``) stores the pseudo items as negated ids, the mark
+        ``LossModule`` reads to keep them out of the targets (``batching.TrainBatch``)."""
+        sign = -1 if context_only else 1
+        return [np.concatenate([sign * p, x]) if len(p) else x
                 for p, x in zip(self.pseudo, inputs, strict=True)]
 
 

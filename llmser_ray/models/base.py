@@ -85,6 +85,11 @@ class SeqRecModel(nn.Module):
         targets = seqs[:, 1:][:, -self.max_len:]
         return inputs, targets, inputs > 0
 
+    def target_flags(self, flags: torch.Tensor) -> torch.Tensor:
+        """Per-item ``flags`` of ``seqs`` ``[B, W]`` moved to the target positions of
+        ``training_task(seqs)``: which targets are flagged items."""
+        return flags[:, 1:][:, -self.max_len:]
+
     def inference_inputs(self, seqs: torch.Tensor) -> torch.Tensor:
         """What the model reads to predict the item after each history: its last ``max_len``
         items (BERT4Rec appends its [MASK])."""

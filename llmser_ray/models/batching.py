@@ -38,6 +38,9 @@ class TrainBatch:
     with ``w_u > 0`` have one; plain training has none). One tensor means one forward pass, so
     a user's two channels always share a step and DDP sees one graph. ``users`` are the user
     ids of rows ``0..U-1`` when the step needs them (LLM-ESR's self-distillation), else empty.
+    A negative id in an augmented row is a pseudo item read as context but never predicted
+    (``dual.pseudo_targets=false``): the sign is the mark, so it survives padding, cropping and
+    length buckets with the item, and ``LossModule`` drops it before any embedding lookup.
     """
 
     seqs: torch.Tensor
@@ -87,7 +90,7 @@ def by_length(fn: Callable[[torch.Tensor], torch.Tensor], seqs: torch.Tensor,
     b, n = seqs.shape
     if b == 0 or n <= min_width:
         return fn(seqs)
-    real = seqs > 0
+    real = seqs != 0  # negative ids are marked items (``TrainBatch``), not padding
     # Width each row needs: from its first real item to the end (robust to interior zeros).
     first = torch.where(real.any(1), real.to(torch.int8).argmax(1), n)
     need = (n - first).clamp_min(min_width)

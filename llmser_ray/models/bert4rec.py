@@ -88,3 +88,7 @@ class BERT4Rec(SeqRecModel):
         seqs = seqs[:, -self.max_len:]
         masked = self.cloze_mask(seqs, generator)
         return seqs.masked_fill(masked, self.mask_token), seqs, masked
+
+    def target_flags(self, flags: torch.Tensor) -> torch.Tensor:
+        """Cloze targets sit on their own items."""
+        return flags[:, -self.max_len:]

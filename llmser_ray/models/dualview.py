@@ -114,6 +114,9 @@ class DualView(SeqRecModel):
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.backbone.training_task(seqs, generator)
 
+    def target_flags(self, flags: torch.Tensor) -> torch.Tensor:
+        return self.backbone.target_flags(flags)
+
     def inference_inputs(self, seqs: torch.Tensor) -> torch.Tensor:
         return self.backbone.inference_inputs(seqs)
 

@@ -122,7 +122,7 @@ class TrainingData:
             from llmser_ray.augment.weights import load_augmentation
 
             aug = load_augmentation(cfg, ds)
-            aug_seqs = aug.inputs(seqs)
+            aug_seqs = aug.inputs(seqs, context_only=not cfg.dual.pseudo_targets)
             weights = aug.weight
             if cfg.dual.infer_augmented:
                 val_inputs = aug.inputs(val_inputs)
@@ -236,7 +236,9 @@ class LossModule(torch.nn.Module):
         table = model.item_embeddings() if model.table_once else None
 
         def per_sequence(sub: torch.Tensor) -> torch.Tensor:
-            inputs, targets, valid = model.training_task(sub, generator)
+            context = sub < 0  # pseudo items that are context only (dual.pseudo_targets=false)
+            inputs, targets, valid = model.training_task(sub.abs(), generator)
+            valid = valid & ~model.target_flags(context)
             h = model(inputs)
             items = table if table is not None else model.item_embeddings()
             stats = objective.per_sequence(h, items, targets, valid, generator)
@@ -477,6 +479,15 @@ def model_dir(cfg: Config, name: str) -> Path:
     return cfg.workdir_path / "models" / name
 
 
+def dual_key(cfg: Config) -> str:
+    """The ``dual`` section's part of a dual-channel run's key. ``pseudo_targets`` enters it only
+    when off, so the models trained before it existed keep their keys (and stay resumable)."""
+    dual = cfg.dual.model_dump(mode="json")
+    if dual["pseudo_targets"]:
+        del dual["pseudo_targets"]
+    return digest({"dual": dual})[:8]
+
+
 def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
     """Identity of a training run: its config, its dataset and, for dual-channel runs, the
     augmentation it read (so new LLM output retrains instead of reusing a stale model)."""
@@ -500,7 +511,7 @@ def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
         from llmser_ray.augment.weights import augmentation_dir
 
         aug = read_manifest(augmentation_dir(cfg)) or {}
-        key += f"-{cfg.digest('dual')[:8]}-{str(aug.get('config_digest', 'na'))[:8]}"
+        key += f"-{dual_key(cfg)}-{str(aug.get('config_digest', 'na'))[:8]}"
     if cfg.tslrec.init_backbone:  # only then: every other run key stays what it was
         from llmser_ray.stages.tslrec_embed import STAGE as TSLREC_EMBED
 
