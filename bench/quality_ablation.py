@@ -41,7 +41,10 @@ from typing import Any
 
 from common import BEAUTY, beauty_sets, loadavg
 
-VARIANTS = ("baseline", "candidates", "llmser")
+VARIANTS = ("baseline", "candidates", "llmser", "candidates-context", "llmser-context")
+# The issue-5 ablation; the "-context" arms (dual.pseudo_targets=false: pseudo items read as
+# context, never predicted) run when --variants names them.
+DEFAULT_VARIANTS = VARIANTS[:3]
 GROUPS = ("overall", "tail_user", "head_user", "tail_item", "head_item")
 HEADLINE = ("ndcg@10", "hr@10")
 # How an invocation runs, not what it measures: neither passed to --jobs children nor recorded.
@@ -79,8 +82,15 @@ def variant_config(args: argparse.Namespace, seed: int, variant: str) -> Any:
 
     if variant == "baseline":
         return plain_config(config(args, seed), reverse=False)
-    source = "llm" if variant == "llmser" else "candidates"
-    return config(args, seed, ["dual.enabled=true", f"dual.pseudo_source={source}"])
+    source = "llm" if variant.startswith("llmser") else "candidates"
+    context = ["dual.pseudo_targets=false"] if variant.endswith("-context") else []
+    return config(args, seed, ["dual.enabled=true", f"dual.pseudo_source={source}", *context])
+
+
+def variant_of(key: str) -> str:
+    """``candidates-context-s42`` -> ``candidates-context`` (a prefix match would count it as
+    ``candidates`` too)."""
+    return key.rsplit("-s", 1)[0]
 
 
 def run_variant(args: argparse.Namespace, seed: int, variant: str) -> dict[str, Any]:
@@ -102,7 +112,7 @@ def welch_lines(results: dict[str, dict[str, Any]], protocol: str, out: dict[str
     """Whether a variant's change is larger than the seed noise: Welch's t against the baseline
     on NDCG@10 (with 3 seeds each, |t| below ~3 is not significant at 5%: Welch df is 2-4)."""
     def vals(v: str, g: str) -> list[float]:
-        return [r[protocol][g]["ndcg@10"] for k, r in results.items() if k.startswith(v + "-")]
+        return [r[protocol][g]["ndcg@10"] for k, r in results.items() if variant_of(k) == v]
 
     lines = []
     for v in VARIANTS[1:]:
@@ -129,7 +139,7 @@ def aggregate(args: argparse.Namespace, results: dict[str, dict[str, Any]], extr
                   + " | ".join(f"{g} {m}" for g in GROUPS[:4] for m in HEADLINE) + " |",
                   "|---|---|" + "---|" * (len(GROUPS[:4]) * len(HEADLINE))]
         for v in VARIANTS:
-            runs = [r[protocol] for k, r in results.items() if k.startswith(v + "-")]
+            runs = [r[protocol] for k, r in results.items() if variant_of(k) == v]
             if not runs:
                 continue
             cells = []
@@ -200,7 +210,8 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--max-users", type=int, default=None,
                     help="LLM-augment a seeded sample of this many tail users (default: all)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any config key for every arm and the upstream stages, e.g. "
                          "augment.selector=collaborative augment.arv_reliability=skill (repeatable)")
@@ -215,6 +226,8 @@ def main() -> None:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v for v in args.variants.split(",") if v]
+    if unknown := sorted(set(variants) - set(VARIANTS)):
+        ap.error(f"unknown variant(s) {', '.join(unknown)}: use {', '.join(VARIANTS)}")
 
     from llmser_ray.stages.train import finished_metrics, model_dir
 
@@ -244,7 +257,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         # Without the llmser variant nothing asks the LLM: candidates only (SIA and ARV skipped).
-        source = "llm" if "llmser" in variants else "candidates"
+        source = "llm" if any(v.startswith("llmser") for v in variants) else "candidates"
         llm_stages = ", SIA, ARV" if source == "llm" else ""
         log(f"upstream: prepare, pretrain (forward + reverse), candidates{llm_stages}")
         up = upstream(config(args, args.upstream_seed, [f"dual.pseudo_source={source}"]))
