@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from llmser_ray.config import RayConfig
@@ -43,8 +44,8 @@ def init_ray(cfg: RayConfig, quiet: bool = False) -> str | None:
             _forget_local_env()
             ctx = ray.init(address=address, log_to_driver=True, **console.ray_init_options())
         else:
-            dashboard_port = _local_ray_env(cfg)
-            with loopback_node(cfg.loopback_only):
+            with local_start_lock(), loopback_node(cfg.loopback_only):
+                dashboard_port = _local_ray_env(cfg)
                 ctx = ray.init(
                     address="local",
                     num_cpus=local_cpus(cfg),
@@ -82,6 +83,32 @@ _DEFAULT_DASHBOARD_PORT = 8265
 # The values _local_ray_env put into os.environ, so that a later join of a cluster from the same
 # process does not hand them on (Ray Train propagates the preemption switch to its controller).
 _set_here: dict[str, str] = {}
+
+
+# Held by a process while it picks the ports of a local Ray and starts it (tempfile.gettempdir()).
+LOCAL_START_LOCK = "llmser-ray-local-start.lock"
+
+
+@contextmanager
+def local_start_lock() -> Iterator[None]:
+    """One local Ray start at a time on this machine, from choosing its dashboard port until
+    ``ray.init`` returns (the dashboard has bound it by then, or failed).
+
+    Without it, two commands started within a second or two both found 8265 free, both asked Ray
+    for it, and the second Ray died with "Failed to find a valid port for dashboard" (seen with
+    two trainings started together). An ``flock``, so a killed holder never blocks the next;
+    the wait is one Ray start, a few seconds.
+    """
+    import fcntl
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / LOCAL_START_LOCK
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _local_ray_env(cfg: RayConfig) -> int | None:

@@ -152,7 +152,23 @@ def test_a_local_ray_never_joins_another_and_names_its_own_state_api(monkeypatch
     class Ctx:
         dashboard_url = None
 
+    def start_locked() -> bool:
+        """Whether another process would wait to start a local Ray now."""
+        import fcntl
+        import tempfile
+
+        with open(Path(tempfile.gettempdir()) / ray_utils.LOCAL_START_LOCK, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
     def fake_init(**kwargs):
+        # A local start holds the machine-wide lock while Ray binds its dashboard port (two
+        # commands started together once both took 8265); joining a cluster does not.
+        kwargs["locked"] = start_locked()
         calls.append(kwargs)
         return Ctx()
 
@@ -162,7 +178,8 @@ def test_a_local_ray_never_joins_another_and_names_its_own_state_api(monkeypatch
            console.VERBOSE_ENV)
     ray_utils.init_ray(RayConfig(num_cpus=2), quiet=True)
     local = calls[-1]
-    assert local["address"] == "local" and local["num_cpus"] == 2
+    assert local["address"] == "local" and local["num_cpus"] == 2 and local["locked"]
+    assert not start_locked()  # released once Ray is up
     port = local["dashboard_port"]
     assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
@@ -176,6 +193,7 @@ def test_a_local_ray_never_joins_another_and_names_its_own_state_api(monkeypatch
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     ray_utils.init_ray(RayConfig(), quiet=True)
     assert calls[-1]["address"] == "127.0.0.1:1" and "num_cpus" not in calls[-1]
+    assert not calls[-1]["locked"]
     assert "RAY_API_SERVER_ADDRESS" not in os.environ
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
 
