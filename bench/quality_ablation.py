@@ -83,8 +83,11 @@ def variant_config(args: argparse.Namespace, seed: int, variant: str) -> Any:
     if variant == "baseline":
         return plain_config(config(args, seed), reverse=False)
     source = "llm" if variant.startswith("llmser") else "candidates"
-    context = ["dual.pseudo_targets=false"] if variant.endswith("-context") else []
-    return config(args, seed, ["dual.enabled=true", f"dual.pseudo_source={source}", *context])
+    # The method's arms predict their pseudo items (the papers' setting, explicit since the
+    # product's default became context only); the "-context" arms read them as context.
+    targets = "false" if variant.endswith("-context") else "true"
+    return config(args, seed, ["dual.enabled=true", f"dual.pseudo_source={source}",
+                               f"dual.pseudo_targets={targets}"])
 
 
 def variant_of(key: str) -> str:

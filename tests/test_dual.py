@@ -109,7 +109,8 @@ def test_augmentation_is_read_sliced_weighted_and_used_at_inference(tmp_path: Pa
     by_rank = load_augmentation(load_config(None, [*base, "dual.order=candidate"]), ds)
     assert by_rank.pseudo[0].tolist() == [9, 10]
     data = TrainingData.build(cfg, ds)
-    assert data.aug_seqs is not None and data.aug_seqs[0].tolist() == [10, 9, 1, 2, 3, 4]
+    # Training rows mark the pseudo items context-only (the default, dual.pseudo_targets=false).
+    assert data.aug_seqs is not None and data.aug_seqs[0].tolist() == [-10, -9, 1, 2, 3, 4]
     # Inference reads pseudo + history; ranking masks only the real history.
     assert data.val_inputs[0].tolist() == [10, 9, 1, 2, 3, 4]
     assert data.val_seen[0].tolist() == [1, 2, 3, 4]
@@ -169,8 +170,11 @@ def test_pseudo_targets_off_marks_training_rows_only_and_keeps_old_run_keys(tmp_
     data = TrainingData.build(cfg, ds)
     assert data.aug_seqs is not None and data.aug_seqs[0].tolist() == [-10, -9, 1, 2, 3, 4]
     assert data.val_inputs[0].tolist() == [10, 9, 1, 2, 3, 4]  # inference reads plain ids
-    # Dual-channel models trained before the option existed keep their run keys (the value
-    # the key's dual part had then, pinned); turning it off makes another model.
-    default = load_config(None, ["dual.enabled=true"])
-    assert dual_key(default) == "e7a06eba"
-    assert dual_key(load_config(None, ["dual.enabled=true", "dual.pseudo_targets=false"])) != "e7a06eba"
+    # Dual-channel models trained before the option existed predicted their pseudo items: with
+    # dual.pseudo_targets=true they keep their run keys (the value the key's dual part had then,
+    # pinned); the context-only default makes another model.
+    method = load_config(None, ["dual.enabled=true", "dual.pseudo_targets=true"])
+    assert dual_key(method) == "e7a06eba"
+    assert dual_key(load_config(None, ["dual.enabled=true"])) != "e7a06eba"
+    assert TrainingData.build(load_config(None, [*base, "dual.pseudo_targets=true"]),
+                              ds).aug_seqs[0].tolist() == [10, 9, 1, 2, 3, 4]

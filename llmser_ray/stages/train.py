@@ -481,7 +481,8 @@ def model_dir(cfg: Config, name: str) -> Path:
 
 def dual_key(cfg: Config) -> str:
     """The ``dual`` section's part of a dual-channel run's key. ``pseudo_targets`` enters it only
-    when off, so the models trained before it existed keep their keys (and stay resumable)."""
+    when off: the models trained before it existed predicted their pseudo items, and keep their
+    keys (and stay resumable) under an explicit ``dual.pseudo_targets=true``."""
     dual = cfg.dual.model_dump(mode="json")
     if dual["pseudo_targets"]:
         del dual["pseudo_targets"]
