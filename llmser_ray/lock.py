@@ -34,6 +34,22 @@ LOCK_NAME = ".lock"
 _held: dict[Path, list[Any]] = {}
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Wait for, then hold, an exclusive ``flock`` on ``path`` (created with its folder): for short
+    machine-wide critical sections (unpacking the bundled LLM, starting a local Ray). The kernel
+    drops it when the holder dies, so a killed holder never blocks the next."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def lock_path(workdir: str | Path) -> Path:
     return Path(workdir).expanduser().resolve() / LOCK_NAME
 

