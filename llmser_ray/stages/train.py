@@ -479,24 +479,33 @@ def model_dir(cfg: Config, name: str) -> Path:
     return cfg.workdir_path / "models" / name
 
 
+# Keys added after models had been trained, with the value those models had in effect: at that
+# value a key stays out of the run key, so the older models keep their keys (and stay resumable).
+# tie_output: every model before it was tied; pseudo_targets: every dual-channel model before it
+# predicted its pseudo items (the default is now false, so theirs is the explicit true).
+LATER_KEYS = {"model": {"tie_output": True}, "dual": {"pseudo_targets": True}}
+
+
+def key_section(cfg: Config, section: str) -> dict[str, Any]:
+    """``cfg.<section>`` as it enters a run key (``LATER_KEYS`` at their old value left out)."""
+    payload = getattr(cfg, section).model_dump(mode="json")
+    for key, old in LATER_KEYS.get(section, {}).items():
+        if payload.get(key) == old:
+            del payload[key]
+    return payload
+
+
 def dual_key(cfg: Config) -> str:
-    """The ``dual`` section's part of a dual-channel run's key. ``pseudo_targets`` enters it only
-    when off: the models trained before it existed predicted their pseudo items, and keep their
-    keys (and stay resumable) under an explicit ``dual.pseudo_targets=true``."""
-    dual = cfg.dual.model_dump(mode="json")
-    if dual["pseudo_targets"]:
-        del dual["pseudo_targets"]
-    return digest({"dual": dual})[:8]
+    """The ``dual`` section's part of a dual-channel run's key."""
+    return digest({"dual": key_section(cfg, "dual")})[:8]
 
 
 def _run_key(cfg: Config, dataset_manifest: dict[str, Any]) -> str:
     """Identity of a training run: its config, its dataset and, for dual-channel runs, the
     augmentation it read (so new LLM output retrains instead of reusing a stale model)."""
-    payload = {s: getattr(cfg, s).model_dump(mode="json") for s in TRAIN_SECTIONS}
+    payload = {s: key_section(cfg, s) for s in TRAIN_SECTIONS}
     for op in OPERATIONAL_TRAIN_KEYS:  # how it runs, not what it learns: changing them resumes
         payload["train"].pop(op, None)
-    if payload["model"].get("tie_output", True):  # the tied default keeps existing models' keys
-        payload["model"].pop("tie_output", None)
     # LLM-ESR's sections enter the identity only when on, so existing models keep their keys.
     on = {"semantic": semantic_on(cfg), "distill": cfg.distill.enabled}
     for section in ("semantic", "distill"):
