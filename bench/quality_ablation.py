@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -41,9 +42,12 @@ from typing import Any
 
 from common import BEAUTY, beauty_sets, loadavg
 
-VARIANTS = ("baseline", "candidates", "llmser", "candidates-context", "llmser-context")
+VARIANTS = ("baseline", "candidates", "llmser", "candidates-context", "llmser-context",
+            "dualview", "candidates-context-dualview", "llmser-context-dualview")
 # The issue-5 ablation; the "-context" arms (dual.pseudo_targets=false: pseudo items read as
-# context, never predicted) run when --variants names them.
+# context, never predicted) and the "dualview" ones (LLM-ESR's dual-view SASRec,
+# semantic.enabled=true, alone or under LLMSeR's dual channel: issue 19's combination) run when
+# --variants names them.
 DEFAULT_VARIANTS = VARIANTS[:3]
 GROUPS = ("overall", "tail_user", "head_user", "tail_item", "head_item")
 HEADLINE = ("ndcg@10", "hr@10")
@@ -80,14 +84,17 @@ def model_name(args: argparse.Namespace, seed: int, variant: str) -> str:
 def variant_config(args: argparse.Namespace, seed: int, variant: str) -> Any:
     from llmser_ray.stages.pretrain import plain_config
 
-    if variant == "baseline":
-        return plain_config(config(args, seed), reverse=False)
-    source = "llm" if variant.startswith("llmser") else "candidates"
+    dualview = variant == "dualview" or variant.endswith("-dualview")
+    arm = "baseline" if variant == "dualview" else variant.removesuffix("-dualview")
+    semantic = ["semantic.enabled=true"] if dualview else []
+    if arm == "baseline":
+        return config(args, seed, semantic) if dualview else plain_config(config(args, seed), reverse=False)
+    source = "llm" if arm.startswith("llmser") else "candidates"
     # The method's arms predict their pseudo items (the papers' setting, explicit since the
     # product's default became context only); the "-context" arms read them as context.
-    targets = "false" if variant.endswith("-context") else "true"
+    targets = "false" if arm.endswith("-context") else "true"
     return config(args, seed, ["dual.enabled=true", f"dual.pseudo_source={source}",
-                               f"dual.pseudo_targets={targets}"])
+                               f"dual.pseudo_targets={targets}", *semantic])
 
 
 def variant_of(key: str) -> str:
@@ -100,6 +107,13 @@ def run_variant(args: argparse.Namespace, seed: int, variant: str) -> dict[str, 
     from llmser_ray.stages.train import train
 
     return train(variant_config(args, seed, variant), name=model_name(args, seed, variant)).test
+
+
+def workdir_seeds(workdir: str, seeds: list[int]) -> list[int]:
+    """These seeds and those of every arm's model already under ``<workdir>/models``."""
+    found = {int(m.group(1)) for d in (Path(workdir) / "models").glob("sasrec-*")
+             if (m := re.fullmatch(r"sasrec(?:-.+)?-s(\d+)", d.name))}
+    return sorted(set(seeds) | found)
 
 
 def welch_t(a: list[float], b: list[float]) -> float | None:
@@ -131,6 +145,7 @@ def welch_lines(results: dict[str, dict[str, Any]], protocol: str, out: dict[str
 def aggregate(args: argparse.Namespace, results: dict[str, dict[str, Any]], extra: dict[str, Any]) -> None:
     """Mean and sample std over finished seeds; the change of each variant against the baseline."""
     settings = {k: v for k, v in vars(args).items() if k not in INVOCATION}
+    settings["seeds"] = ",".join(sorted({k.rsplit("-s", 1)[1] for k in results}, key=int))  # the table's
     out: dict[str, Any] = {"settings": settings | {"data": str(args.data)}, "upstream": extra,
                            "runs": results, "mean": {}}
     lines = [f"# Ablation on Amazon Beauty, SASRec (max_len {args.max_len}, epochs <= {args.epochs}, "
@@ -238,9 +253,10 @@ def main() -> None:
     upstream_info: dict[str, Any] = {}
 
     def collect() -> None:
-        """Every model finished under THIS run's config; a stale one (other epochs, another
-        augmentation) is left out of the table, not reported as this config's result."""
-        for s in seeds:
+        """Every model finished under THIS run's config, for every seed in the workdir (a run
+        with ``--seeds 43`` must not leave a one-seed table behind); a stale one (other epochs,
+        another augmentation) is left out of the table, not reported as this config's result."""
+        for s in workdir_seeds(args.workdir, seeds):
             for v in VARIANTS:
                 cfg = variant_config(args, s, v)
                 metrics = finished_metrics(cfg, model_dir(cfg, model_name(args, s, v)))

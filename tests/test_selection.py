@@ -74,6 +74,17 @@ def test_arv_signal_reads_a_reliability_that_tracks_the_gain() -> None:
     assert out["r_random"]["rank_gain"]["lo"] < 0 < out["r_random"]["rank_gain"]["hi"]  # does not
 
 
+def test_arv_signal_refuses_a_reliability_judged_on_other_pseudo_items() -> None:
+    check = _bench("arv_signal").same_prefix_mismatches
+    read = [np.zeros(0, np.int64), np.array([7, 5, 3]), np.array([4, 2, 1]), np.zeros(0, np.int64)]
+    users = np.array([2, 3])
+    # The same items in the LLM's order (best first) against the candidates' (best last), with
+    # ARV having judged two more stored items: no mismatch.
+    assert check(users, [np.array([3, 5, 7, 9, 8]), np.array([1, 2, 4, 6])], read) == 0
+    assert check(users, [np.array([3, 5, 9, 7]), np.array([1, 2, 4])], read) == 1  # 9 is not read
+    assert check(np.array([4]), [np.array([1, 2, 3])], read) == 1  # the model reads nothing for it
+
+
 
 
 def test_pmi_calibration_prefers_what_the_history_explains() -> None:
@@ -324,3 +335,29 @@ def test_score_selector_with_vllm_is_order_independent(simulated) -> None:
     again = pq.read_table(select_items(cfg, force=True).path / "augmented.parquet").to_pandas()
     assert [list(p) for p in again["pseudo_items"]] == [list(p) for p in t["pseudo_items"]]
     pq.write_table(c, cand_file)
+
+
+def test_ablation_tables_cover_every_seed_in_the_workdir(tmp_path: Path) -> None:
+    mod = _bench("quality_ablation")
+    for name in ("sasrec", "sasrec-reverse", "sasrec-s43", "sasrec-candidates-s42",
+                 "sasrec-candidates-context-s44", "sasrec-llmser-s7"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+    # A run with --seeds 45 still tabulates every seed finished before (the reverse model and
+    # the upstream seed's baseline "sasrec" name none).
+    assert mod.workdir_seeds(str(tmp_path), [45]) == [7, 42, 43, 44, 45]
+    assert mod.variant_of("candidates-context-s44") == "candidates-context"
+
+
+def test_ablation_arms_configure_what_their_names_say(tmp_path: Path) -> None:
+    mod = _bench("quality_ablation")
+    args = mod.argparse.Namespace(workdir=str(tmp_path), data=tmp_path / "Beauty.txt", max_len=None,
+                                  epochs=5, patience=2, num_pseudo=12, beta=0.5, max_users=None, set=[])
+    arms = {v: mod.variant_config(args, 42, v) for v in mod.VARIANTS}
+    got = {v: (c.dual.enabled and c.dual.pseudo_source, c.dual.enabled and c.dual.pseudo_targets,
+               c.semantic.enabled) for v, c in arms.items()}
+    assert got == {"baseline": (False, False, False), "candidates": ("candidates", True, False),
+                   "llmser": ("llm", True, False), "candidates-context": ("candidates", False, False),
+                   "llmser-context": ("llm", False, False), "dualview": (False, False, True),
+                   "candidates-context-dualview": ("candidates", False, True),
+                   "llmser-context-dualview": ("llm", False, True)}
+    assert {c.train.seed for c in arms.values()} == {42}
