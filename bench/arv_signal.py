@@ -60,7 +60,8 @@ def signal(r: dict[str, np.ndarray], rank_base: np.ndarray, rank_aug: np.ndarray
                               "improved_share": float((rank_aug < rank_base).mean())}
     for col, values in r.items():
         out[col] = {"mean": float(np.mean(values))} | {
-            g: dict(zip(("rho", "lo", "hi"), (round(x, 4) for x in spearman_ci(values, v, seed)),
+            g: dict(zip(("rho", "lo", "hi"), (round(x, 4) if np.isfinite(x) else None  # JSON has no NaN
+                                              for x in spearman_ci(values, v, seed)),
                         strict=True)) for g, v in gains.items()}
     return out
 

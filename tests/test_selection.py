@@ -72,6 +72,10 @@ def test_arv_signal_reads_a_reliability_that_tracks_the_gain() -> None:
     assert out["users"] == 500 and out["improved_share"] > 0.9
     assert out["r_u"]["rank_gain"]["lo"] > 0.5  # tracks the gain
     assert out["r_random"]["rank_gain"]["lo"] < 0 < out["r_random"]["rank_gain"]["hi"]  # does not
+    # A judge with no skill gives every user r_u = 0: no order, reported as null (valid JSON).
+    flat = mod.signal({"r_u": np.zeros(500)}, base, aug)["r_u"]["rank_gain"]
+    assert flat == {"rho": None, "lo": None, "hi": None}
+    json.dumps(flat, allow_nan=False)
 
 
 def test_arv_signal_refuses_a_reliability_judged_on_other_pseudo_items() -> None:
