@@ -83,9 +83,12 @@ def test_a_backbone_gets_its_own_measured_defaults_unless_the_config_sets_them(t
 
     shared = Config()
     gru = load_config(None, ["model.backbone=gru4rec"])
-    for dotted, value in BACKBONE_DEFAULTS["gru4rec"].items():
-        section, key = dotted.split(".")
-        assert getattr(getattr(gru, section), key) == value != getattr(getattr(shared, section), key)
+    for backbone in ("gru4rec", "bert4rec"):
+        resolved = load_config(None, [f"model.backbone={backbone}"])
+        for dotted, value in BACKBONE_DEFAULTS[backbone].items():
+            section, key = dotted.split(".")
+            assert getattr(getattr(resolved, section), key) == value != getattr(getattr(shared, section), key)
+    assert load_config(None, ["model.backbone=bert4rec"]).model.dropout == 0.2
     # Another backbone keeps the shared defaults; the shared default instances are not mutated.
     assert load_config(None, ["model.backbone=sasrec"]).train.lr == shared.train.lr == Config().train.lr
     # An explicit value wins, from --set and from YAML, even when it equals the shared default.

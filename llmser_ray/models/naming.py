@@ -16,15 +16,16 @@ from llmser_ray.config import Config
 def resolve_semantic(cfg: Config, dataset_manifest: dict[str, Any]) -> tuple[Config, str | None]:
     """``cfg`` with ``semantic.enabled="auto"`` decided (config.py says the rule), and why, for the
     console; an explicit true/false passes through with no reason. The rule follows what was
-    measured: the dual view beat the plain backbone for SASRec on Beauty (3 seeds), and nothing
-    else has been measured, so everything else keeps the setting it was measured with."""
+    measured: the dual view beat the plain backbone for SASRec on Beauty (3 seeds), under
+    LLMSeR's dual channel it did worse than alone (docs/RESULTS.md section 3), and nothing else has
+    been measured, so everything else keeps the setting it was measured with."""
     if cfg.semantic.enabled != "auto":
         return cfg, None
     counts = dataset_manifest.get("counts", {})
     items, with_text = int(counts.get("items", 0)), int(counts.get("items_with_text", 0))
     off = (f"{cfg.model.backbone} (measured for sasrec only)" if cfg.model.backbone != "sasrec"
            else "the reverse candidate model" if cfg.train.reverse
-           else "LLMSeR's dual-channel training (not measured with it)" if cfg.dual.enabled
+           else "LLMSeR's dual-channel training (measured worse with it)" if cfg.dual.enabled
            else "tslrec.init_backbone" if cfg.tslrec.init_backbone
            else "the dataset records no item text" if not with_text
            else (f"{items - with_text} of {items} items have no text (semantic.enabled=true with "
