@@ -84,11 +84,12 @@ def model_name(args: argparse.Namespace, seed: int, variant: str) -> str:
 def variant_config(args: argparse.Namespace, seed: int, variant: str) -> Any:
     from llmser_ray.stages.pretrain import plain_config
 
-    dualview = variant == "dualview" or variant.endswith("-dualview")
-    arm = "baseline" if variant == "dualview" else variant.removesuffix("-dualview")
-    semantic = ["semantic.enabled=true"] if dualview else []
-    if arm == "baseline":
-        return config(args, seed, semantic) if dualview else plain_config(config(args, seed), reverse=False)
+    if variant == "baseline":
+        return plain_config(config(args, seed), reverse=False)
+    semantic = ["semantic.enabled=true"] if variant.endswith("dualview") else []
+    if variant == "dualview":
+        return config(args, seed, semantic)
+    arm = variant.removesuffix("-dualview")
     source = "llm" if arm.startswith("llmser") else "candidates"
     # The method's arms predict their pseudo items (the papers' setting, explicit since the
     # product's default became context only); the "-context" arms read them as context.
