@@ -14,9 +14,10 @@ import pytest
 
 from llmser_ray.config import load_config
 from llmser_ray.errors import ConfigError
-from llmser_ray.stages.tune import check_search, experiment_name, trial_config
+from llmser_ray.stages.tune import check_early_stop_cleanup, check_search, experiment_name, trial_config
 
-BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty_2014_5core"
+ROOT = Path(__file__).resolve().parents[1]
+BEAUTY = ROOT.parent / "shared" / "data" / "amazon_beauty_2014_5core"
 
 
 def test_search_guards() -> None:
@@ -47,6 +48,30 @@ def test_trial_config_and_experiment_identity() -> None:
     other = load_config(None, ['tune.search={"dual.num_pseudo": {"grid": [2, 5]}}'])
     assert experiment_name(base) == experiment_name(same)  # resources are not identity
     assert experiment_name(base) != experiment_name(other)
+
+
+def test_asha_without_the_dashboard_is_refused_before_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ASHA's stopped trials free their CPUs only through the dashboard's state API: a local Ray
+    without it would hang the search, so the config is refused; FIFO or a cluster pass here."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    off = load_config(None, ["ray.include_dashboard=false", "tune.scheduler=asha"])
+    with pytest.raises(ConfigError, match="would hang.*Fix: keep Ray's dashboard on"):
+        check_early_stop_cleanup(off, ray_started=False)
+    check_early_stop_cleanup(load_config(None, ["ray.include_dashboard=false", "tune.scheduler=fifo"]),
+                             ray_started=False)
+    check_early_stop_cleanup(load_config(None, ["tune.scheduler=asha"]), ray_started=False)
+    # A cluster's dashboard is not ours to know before joining: asked after Ray starts.
+    check_early_stop_cleanup(load_config(None, ["ray.include_dashboard=false", "tune.scheduler=asha",
+                                                "ray.address=10.0.0.1:6379"]), ray_started=False)
+
+
+def test_asha_on_a_ray_whose_state_api_does_not_answer_is_refused(ray_local: None) -> None:
+    """The check after joining Ray, against a real Ray started without the dashboard (as a
+    cluster head started with --include-dashboard=false would be)."""
+    asha = load_config(None, ["tune.scheduler=asha"])
+    with pytest.raises(ConfigError, match="needs Ray's state API.*would hang"):
+        check_early_stop_cleanup(asha, ray_started=True, wait_s=0)
+    check_early_stop_cleanup(load_config(None, ["tune.scheduler=fifo"]), ray_started=True, wait_s=0)
 
 
 def _subset(tmp: Path, users: int = 1500) -> Path:
@@ -148,22 +173,25 @@ def test_backbone_target_searches_the_plain_model() -> None:
 @pytest.mark.timeout(1800)
 @pytest.mark.skipif(not BEAUTY.is_dir(), reason="../shared/data is not present")
 def test_backbone_search_runs_for_real_on_a_beauty_subset(tmp_path: Path) -> None:
-    """The search tune_configs/backbone_beauty.yaml runs, at test size: two losses, no LLM stage."""
-    sets = [f"workdir={tmp_path / 'w'}", "data.source=s3rec", f"data.path={_subset(tmp_path)}",
+    """tune_configs/backbone_beauty.yaml itself runs, shrunk to test size: two losses, the plain
+    backbone (no embed stage, though the items have text), no LLM stage."""
+    config = ROOT / "tune_configs" / "backbone_beauty.yaml"
+    sets = [f"workdir={tmp_path / 'w'}", f"data.path={_subset(tmp_path)}",
             f"data.item_path={BEAUTY / 'items.jsonl'}", "model.hidden=16", "model.max_len=20",
-            "model.layers=1", "train.epochs=2", "train.torch_threads=1", "ray.num_cpus=4",
-            "ray.include_dashboard=false", "tune.target=backbone", "tune.scheduler=fifo",
-            "tune.max_concurrent_trials=2", "train.num_negatives=64",
+            "model.layers=1", "train.epochs=2", "ray.num_cpus=4", "tune.scheduler=fifo",
+            "tune.num_samples=1", "tune.max_concurrent_trials=2", "train.num_negatives=64",
             'tune.search={"train.loss": {"grid": ["ce", "sampled"]}}']
-    cmd = [sys.executable, "-m", "llmser_ray", "tune"]
+    cmd = [sys.executable, "-m", "llmser_ray", "tune", "--config", str(config)]
     for s in sets:
         cmd += ["--set", s]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1500,
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=ROOT,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    cfg = load_config(None, sets)
+    cfg = load_config(config, sets)
+    assert cfg.tune.target == "backbone" and cfg.semantic.enabled is False
     workdir = cfg.workdir_path
-    assert not (workdir / "candidates").exists() and not (workdir / "models").exists()  # no upstream
+    for stage in ("candidates", "models", "embeddings"):  # no upstream, no dual view
+        assert not (workdir / stage).exists(), stage
     summary = json.loads((workdir / "tune" / experiment_name(cfg) / "report" / "summary.json").read_text())
     assert sorted(t["train.loss"] for t in summary["trials"]) == ["ce", "sampled"]
     assert all(t["status"] == "completed" and t["test_overall_ndcg@10"] > 0 for t in summary["trials"])

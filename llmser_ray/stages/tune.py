@@ -220,6 +220,45 @@ def _trial(params: dict[str, Any], base: dict[str, Any], name: str) -> None:
     tune.report(final)
 
 
+def check_early_stop_cleanup(cfg: Config, ray_started: bool, wait_s: float = 30.0) -> None:
+    """ASHA stops a trial by killing it, which kills its Ray Train controller; the CPUs of the
+    trial's workers (a placement group that lives as long as the search's driver) are then freed
+    only by Ray Train's cleaner actor, which asks the dashboard's state API whether the
+    controller is still alive. Without the dashboard the cleaner never learns it died: every
+    stopped trial keeps its CPUs, and once they add up to the cluster's the search waits
+    forever (seen on 4 CPUs: 3.2 held after three ASHA stops, two trials pending 15 minutes,
+    nothing in the log). So refuse that up front, before (local Ray) or after (a cluster) Ray
+    starts, instead of hanging."""
+    if cfg.tune.scheduler != "asha":  # FIFO trials end on their own and free their CPUs
+        return
+    fix = ("keep Ray's dashboard on (ray.include_dashboard=true, the default; on a cluster start the "
+           "head with it) or set tune.scheduler=fifo")
+    if not ray_started:
+        from llmser_ray.ray_utils import cluster_address
+
+        if not cfg.ray.include_dashboard and cluster_address(cfg.ray) is None:
+            raise ConfigError("tune.scheduler=asha with ray.include_dashboard=false would hang: Ray Train "
+                              "frees the CPUs of a trial ASHA stops only through the dashboard", fix)
+        return
+    import time
+
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + wait_s  # a dashboard still starting answers within seconds
+    while True:
+        try:
+            list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+            return
+        except Exception as e:  # noqa: BLE001 - any failure means the cleaner cannot ask either
+            last = e
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(2)
+    raise ConfigError(f"tune.scheduler=asha needs Ray's state API (the dashboard), which does not "
+                      f"answer ({type(last).__name__}): trials ASHA stops would keep their CPUs and "
+                      "the search would hang", fix)
+
+
 def _concurrency(cfg: Config) -> int:
     import ray
 
@@ -242,7 +281,9 @@ def tune(cfg: Config, fresh: bool = False) -> TuneOutcome:
         raise ConfigError("tune.search is empty", "add a search space, e.g. "
                           "tune: {search: {dual.num_pseudo: {grid: [4, 8, 12]}}} (see tune_configs/)")
     check_search(cfg)
+    check_early_stop_cleanup(cfg, ray_started=False)
     init_ray(cfg.ray)
+    check_early_stop_cleanup(cfg, ray_started=True)
     quiet_ray_data()
     if cfg.tune.target == "dual":
         up = upstream(cfg)
