@@ -53,11 +53,17 @@ HEADLINE = ("hr@10", "ndcg@10")
 # is <arm>-s<seed>. "sasrec-bce" is the LLMSeR / LLM-ESR papers' setting (BCE, one sampled
 # negative), the baseline every figure in docs/ was measured on before issue 17. More arms:
 # --arm NAME=key=value,key=value (e.g. a loss or dropout under study).
+# "sasrec" and "sasrec-bce" pin the SASRec paper's sizes, the product default until the backbone
+# search (docs/RESULTS.md section 1), so they still name the runs docs/quality_beauty.json holds;
+# "sasrec-default" is whatever SASRec's defaults are now (config.BACKBONE_DEFAULTS).
+SASREC_PAPER = ["model.hidden=64", "model.layers=2", "model.dropout=0.5", "model.max_len=200",
+                "train.lr=0.001"]
 ARMS: dict[str, list[str]] = {
-    "sasrec": ["model.backbone=sasrec"],
+    "sasrec": ["model.backbone=sasrec", *SASREC_PAPER],
     "gru4rec": ["model.backbone=gru4rec"],
     "bert4rec": ["model.backbone=bert4rec"],
-    "sasrec-bce": ["model.backbone=sasrec", "train.loss=bce"],
+    "sasrec-bce": ["model.backbone=sasrec", *SASREC_PAPER, "train.loss=bce"],
+    "sasrec-default": ["model.backbone=sasrec"],
 }
 BACKBONE_SETTINGS = ARMS  # the name the JSON has always used for this table
 BASELINE_NAMES = ("most_popular", "transitions")
