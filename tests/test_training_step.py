@@ -184,8 +184,10 @@ def test_the_same_seed_gives_the_same_losses(beauty, key: str) -> None:
         model.eval()
         with torch.no_grad():
             scores = model.score_all(torch.from_numpy(pad_left(beauty[0][:12], 60))).numpy()
+        # rtol 1e-5: a float32 sum of 145k scores moved by 3e-6 on a new machine with the code
+        # unchanged (BERT4Rec); a real change to the model moves it by far more.
         np.testing.assert_allclose((scores.sum(), scores[:, 1:].max()), PINNED_SCORES[variant],
-                                   rtol=1e-6)
+                                   rtol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["sasrec", "bert4rec", "gru4rec"])

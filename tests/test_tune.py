@@ -178,7 +178,7 @@ def test_backbone_search_runs_for_real_on_a_beauty_subset(tmp_path: Path) -> Non
     config = ROOT / "tune_configs" / "backbone_beauty.yaml"
     sets = [f"workdir={tmp_path / 'w'}", f"data.path={_subset(tmp_path)}",
             f"data.item_path={BEAUTY / 'items.jsonl'}", "model.hidden=16", "model.max_len=20",
-            "model.layers=1", "train.epochs=2", "ray.num_cpus=4", "tune.scheduler=fifo",
+            "model.layers=1", "train.epochs=2", "train.lr=0.003", "ray.num_cpus=4", "tune.scheduler=fifo",
             "tune.num_samples=1", "tune.max_concurrent_trials=2", "train.num_negatives=64",
             'tune.search={"train.loss": {"grid": ["ce", "sampled"]}}']
     cmd = [sys.executable, "-m", "llmser_ray", "tune", "--config", str(config)]
